@@ -1,0 +1,22 @@
+"""outmetric: gradient descent in the Euclidean metric of the output space, for JAX."""
+
+import importlib.metadata
+
+from ._flows import AbstractFlow as AbstractFlow
+from ._flows import AdaptedFlow as AdaptedFlow
+from ._flows import StandardFlow as StandardFlow
+from ._flows import adapted_flow as adapted_flow
+from ._flows import standard_flow as standard_flow
+from ._integrate import Trajectory as Trajectory
+from ._integrate import integrate as integrate
+from ._integrate import stopping_time as stopping_time
+from ._problem import Problem as Problem
+from ._problem import num_parameters as num_parameters
+from ._solve import SOLVERS as SOLVERS
+from ._solve import SolveResult as SolveResult
+from ._solve import output_metric_gradient as output_metric_gradient
+
+try:
+    __version__ = importlib.metadata.version("outmetric")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"

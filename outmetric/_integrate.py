@@ -1,0 +1,213 @@
+"""Integrating flows with diffrax: a priori stopping time, early stop at a target cost, saved paths."""
+
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float, PyTree
+
+from ._flows import AbstractFlow, adapted_flow
+from ._problem import Problem, check_params
+
+
+def stopping_time(cost0: float, eps: float, num_samples: int) -> float:
+    r"""The a priori stopping time $T(\varepsilon) = \frac{N}{2}\ln\frac{C(0)}{\varepsilon}$.
+
+    Along the overparametrised adapted flow $C(s) = e^{-2s/N}C(0)$, so $C(s) \le \varepsilon$
+    for every $s \ge T(\varepsilon)$. Returns 0 when $C(0) \le \varepsilon$ already.
+    """
+    cost0, eps = float(cost0), float(eps)
+    if not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+    if not cost0 >= 0 or not math.isfinite(cost0):
+        raise ValueError(f"cost0 must be a finite non-negative number, got {cost0}")
+    if not (isinstance(num_samples, (int, np.integer)) and num_samples > 0):
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if cost0 <= eps:
+        return 0.0
+    return 0.5 * num_samples * math.log(cost0 / eps)
+
+
+class Trajectory(NamedTuple):
+    """A saved path of a flow.
+
+    - `ts`: saved times, shape `(S,)`; the last one is where integration ended.
+    - `params`: the parameters at those times, a pytree whose leaves gain a leading axis S.
+    - `costs`: C at those times, shape `(S,)`.
+    - `stopping_time`: T(ε) when `eps` was given, else None.
+    - `num_steps`: accepted solver steps.
+    - `reached_eps`: whether the cost reached ε (None without `eps`).
+    - `result`: diffrax's result message ("successful" or the reason it stopped).
+    """
+
+    ts: Float[Array, " S"]
+    params: PyTree
+    costs: Float[Array, " S"]
+    stopping_time: float | None
+    num_steps: int
+    reached_eps: bool | None
+    result: str
+
+    @property
+    def final_params(self) -> PyTree:
+        """The parameters at the end of the path."""
+        return jax.tree_util.tree_map(lambda a: a[-1], self.params)
+
+
+class _CostBelow(eqx.Module):
+    """Event condition: the cost has reached ε (a Module, so repeated calls reuse the compile)."""
+
+    problem: Problem
+    eps: Array
+
+    def __call__(self, t, y, args, **kwargs):
+        return self.problem.cost(y) <= self.eps
+
+
+@eqx.filter_jit
+def _solve_flow(flow, solver, controller, params, t1, ts, eps, max_steps, progress_meter):
+    event = None if eps is None else diffrax.Event(_CostBelow(flow.problem, eps))
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(flow),
+        solver,
+        t0=jnp.zeros_like(t1),
+        t1=t1,
+        dt0=None,
+        y0=params,
+        saveat=diffrax.SaveAt(ts=ts, t1=True),
+        stepsize_controller=controller,
+        event=event,
+        max_steps=max_steps,
+        throw=False,
+        progress_meter=progress_meter,
+    )
+
+
+def integrate(
+    problem: Problem,
+    params: PyTree,
+    *,
+    flow: AbstractFlow | Any = None,
+    eps: float | None = None,
+    t1: float | None = None,
+    ts: Array | None = None,
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 16_384,
+    num_saves: int = 101,
+    progress: bool = False,
+) -> Trajectory:
+    r"""Integrate a flow (default: the adapted flow) from `params` with diffrax.
+
+    **Arguments:**
+
+    - `problem`, `params`: the problem and the starting parameters θ(0).
+    - `flow`: a vector field `flow(t, params, args)`; default `adapted_flow(problem)`.
+    - `eps`: target cost. Without `t1`, integrates to the a priori stopping time
+      $T(\varepsilon) = \frac{N}{2}\ln(C(0)/\varepsilon)$, and stops early once $C \le \varepsilon$.
+    - `t1`: end time (overrides T(ε) as the end; the early stop at ε still applies).
+    - `ts`: times at which to save; default `num_saves` equispaced times on [0, t1].
+    - `solver`: a diffrax solver, default `Tsit5()` with an adaptive PID controller.
+    - `rtol`, `atol`: controller tolerances; default 1e-12/1e-14 in float64, 1e-6/1e-8 in float32.
+    - `max_steps`: cap on solver steps; reaching it ends the run with a warning, never silently.
+    - `progress`: show diffrax's tqdm progress meter.
+
+    **Returns:** a `Trajectory`. Saved times after an early stop are dropped; the final saved
+    point is always where integration ended.
+    """
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    check_params(params)
+    if eps is None and t1 is None:
+        raise ValueError("integrate needs eps (to use the a priori stopping time) or t1")
+    if eps is not None and (not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if t1 is not None and (not t1 > 0 or not math.isfinite(t1)):
+        raise ValueError(f"t1 must be a positive finite time, got {t1!r}")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    flow = adapted_flow(problem) if flow is None else flow
+    if not callable(flow):
+        raise TypeError(f"flow must be a vector field flow(t, params, args), got {type(flow).__name__}")
+    if not hasattr(flow, "problem"):
+        flow = _WrappedField(problem, flow)
+
+    dtype = ravel_pytree(params)[0].dtype
+    double = dtype == jnp.float64
+    # θ-relative tolerances must sit well below the accuracy wanted in C, which falls by many
+    # orders of magnitude; 1e-12 keeps C(s) within ~1e-8 of C(0)e^{-2s/N} down to C = 1e-10·C(0).
+    rtol = (1e-12 if double else 1e-6) if rtol is None else rtol
+    atol = (1e-14 if double else 1e-8) if atol is None else atol
+
+    cost0 = float(problem.cost(params))
+    if not math.isfinite(cost0):
+        raise ValueError("the initial cost is not finite: check params and the model")
+    t_eps = stopping_time(cost0, eps, problem.num_samples) if eps is not None else None
+    end = t1 if t1 is not None else t_eps
+    if end == 0.0:  # already at or below eps
+        stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], params)
+        return Trajectory(jnp.zeros(1, dtype), stacked, jnp.asarray([cost0], dtype), t_eps, 0,
+                          True, "successful")
+    if ts is None:
+        ts = jnp.linspace(0.0, end, num_saves, dtype=dtype)
+    else:
+        ts = jnp.asarray(ts, dtype)
+        if ts.ndim != 1 or ts.size == 0:
+            raise ValueError(f"ts must be a non-empty 1-D array of times, got shape {ts.shape}")
+        if bool(jnp.any(ts < 0)) or bool(jnp.any(ts > end)) or bool(jnp.any(jnp.diff(ts) < 0)):
+            raise ValueError(f"ts must be sorted times inside [0, {end}]")
+
+    solution = _solve_flow(
+        flow,
+        diffrax.Tsit5() if solver is None else solver,
+        diffrax.PIDController(rtol=rtol, atol=atol),
+        params,
+        jnp.asarray(end, dtype),
+        ts,
+        None if eps is None else jnp.asarray(eps, dtype),
+        max_steps,
+        diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
+    )
+    saved_ts = np.asarray(solution.ts)
+    keep = np.isfinite(saved_ts)
+    t_end = saved_ts[-1]
+    # Drop saved times past the end (filled with inf after an early stop), and a duplicate of
+    # the final point when it coincides with the last requested time.
+    keep[:-1] &= saved_ts[:-1] <= t_end
+    if keep.sum() >= 2 and saved_ts[keep][-2] == t_end:
+        keep[np.flatnonzero(keep)[-2]] = False
+    index = np.flatnonzero(keep)
+    path = jax.tree_util.tree_map(lambda a: a[index], solution.ys)
+    costs = jax.vmap(problem.cost)(path)
+    finished = (solution.result == diffrax.RESULTS.successful) | (
+        solution.result == diffrax.RESULTS.event_occurred
+    )
+    result = "successful"
+    if not bool(finished):
+        result = diffrax.RESULTS[solution.result]
+        warnings.warn(f"integrate stopped at t={t_end:.6g} before t1={end:.6g}: {result}",
+                      RuntimeWarning, stacklevel=2)
+    if not bool(jnp.all(jnp.isfinite(costs))):
+        raise FloatingPointError(
+            "the flow produced non-finite costs: the model or the solve broke down along the path"
+        )
+    reached = None if eps is None else bool(costs[-1] <= eps)
+    return Trajectory(jnp.asarray(saved_ts[index]), path, costs, t_eps,
+                      int(solution.stats["num_steps"]), reached, result)
+
+
+class _WrappedField(eqx.Module):
+    """Adapts a plain callable vector field to the flows' `problem` attribute."""
+
+    problem: Problem
+    field: Any = eqx.field(static=True)
+
+    def __call__(self, t, params, args=None):
+        return self.field(t, params, args)

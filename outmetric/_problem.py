@@ -1,0 +1,304 @@
+"""`Problem`: a model, its training data and an output-space loss.
+
+A `Problem` turns parameters θ (any pytree of float arrays) into the quantities of DESIGN §1:
+outputs x(θ) of shape ``(N, Q)``, the cost C(θ), its output gradient ∇ₓC, and the output
+Jacobian D(θ) of shape ``(N*Q, K)`` (rows sample-major, columns in `ravel_pytree` order), plus
+the Jacobian-vector and vector-Jacobian products the matrix-free solvers use. Nothing here
+solves anything: that is `outmetric._solve`.
+"""
+
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float, PyTree
+
+from ._loss import get_loss, one_hot_labels
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_finite(name: str, tree) -> None:
+    """Raise a ``ValueError`` naming ``name`` if a concrete float leaf holds NaN or inf."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if _is_concrete(leaf) and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
+            if not bool(np.all(np.isfinite(np.asarray(leaf)))):
+                raise ValueError(f"{name} contains NaN or inf values")
+
+
+def check_params(params: PyTree) -> None:
+    """Static checks on a parameter pytree: non-empty, real floating leaves, finite values.
+
+    Raises ``TypeError`` for integer, boolean or complex leaves and ``ValueError`` for an empty
+    tree or non-finite values; each message names ``params``.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("params is an empty pytree: there is nothing to train")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not hasattr(leaf, "dtype"):
+            raise TypeError(
+                f"params leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an "
+                "array; for an equinox module pass eqx.partition(model, eqx.is_inexact_array)[0]"
+            )
+        dtype = leaf.dtype
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"params leaf {jax.tree_util.keystr(path)} is complex ({dtype}); "
+                "outmetric trains real parameters only"
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"params leaf {jax.tree_util.keystr(path)} has dtype {dtype}; "
+                "params must be floating point arrays (cast with .astype(float))"
+            )
+    _check_finite("params", params)
+
+
+class Problem(eqx.Module):
+    r"""A least-squares (or cross-entropy) training problem in output space.
+
+    **Arguments:**
+
+    - `apply_fn`: `apply_fn(params, u) -> (Q,)` for one input `u` (or, with `batched=True`,
+      `apply_fn(params, inputs) -> (n, Q)` for a batch, as flax's `model.apply`). A scalar output
+      is accepted when Q = 1.
+    - `inputs`: an array (or pytree of arrays) whose leading axis indexes the N samples.
+    - `targets`: `(N, Q)` or `(N,)` (read as Q = 1). For `loss="cross_entropy"`, either label
+      vectors `(N, Q)` with non-negative entries summing to one, or integer class indices `(N,)`,
+      which become label vectors $y_j = (1 - s)e_{c_j} + s/Q$ with $s$ = `label_smoothing`.
+    - `loss`: `"l2"` (default), $C = \frac{1}{2N}\sum_j\|x_j - y_j\|^2$, or `"cross_entropy"`.
+    - `batched`: whether `apply_fn` takes a batch.
+    - `num_classes`, `label_smoothing`: for integer cross-entropy labels only; `num_classes`
+      defaults to `max(targets) + 1`, smoothing to 0.01.
+
+    The data are pytree leaves, so a `Problem` can be passed through `jax.jit` and into optax
+    extra args; a new batch of the same shape does not recompile.
+    """
+
+    inputs: PyTree[Array] | None
+    targets: Float[Array, "N Q"]
+    apply_fn: Callable = eqx.field(static=True)
+    loss: str = eqx.field(static=True)
+    batched: bool = eqx.field(static=True)
+    residual_fn: Callable | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        apply_fn: Callable,
+        inputs: PyTree[Array] | None,
+        targets: Array,
+        *,
+        loss: str = "l2",
+        batched: bool = False,
+        num_classes: int | None = None,
+        label_smoothing: float = 0.01,
+        residual_fn: Callable | None = None,
+    ):
+        get_loss(loss)
+        if residual_fn is None and not callable(apply_fn):
+            raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+        if not isinstance(batched, bool):
+            raise TypeError(f"batched must be True or False, got {batched!r}")
+        targets = jnp.asarray(targets)
+        if targets.ndim == 0:
+            raise ValueError("targets must have a leading sample axis, got a scalar")
+        num_samples = targets.shape[0]
+        if num_samples == 0:
+            raise ValueError("targets is empty: a problem needs at least one sample")
+        if residual_fn is None:
+            leaves = jax.tree_util.tree_leaves(inputs)
+            if not leaves:
+                raise ValueError("inputs is empty: a problem needs at least one sample")
+            for leaf in leaves:
+                shape = jnp.shape(leaf)
+                if len(shape) == 0 or shape[0] != num_samples:
+                    raise ValueError(
+                        f"inputs and targets have different numbers of samples: inputs has "
+                        f"leading shape {shape[:1]}, targets has {num_samples}"
+                    )
+            _check_finite("inputs", inputs)
+        if loss == "cross_entropy" and jnp.issubdtype(targets.dtype, jnp.integer):
+            if targets.ndim != 1:
+                raise ValueError(
+                    f"integer targets (class indices) must have shape (N,), got {targets.shape}"
+                )
+            if not 0.0 < label_smoothing < 1.0:
+                raise ValueError(
+                    f"label_smoothing must lie in (0, 1) so every label entry is positive, "
+                    f"got {label_smoothing}"
+                )
+            if num_classes is None:
+                num_classes = int(jnp.max(targets)) + 1
+            if _is_concrete(targets) and (
+                int(jnp.min(targets)) < 0 or int(jnp.max(targets)) >= num_classes
+            ):
+                raise ValueError(f"targets holds class indices outside [0, {num_classes})")
+            targets = one_hot_labels(targets, num_classes, label_smoothing)
+        if not jnp.issubdtype(targets.dtype, jnp.inexact):
+            targets = targets.astype(jnp.result_type(float))
+        if jnp.issubdtype(targets.dtype, jnp.complexfloating):
+            raise TypeError("targets must be real, got a complex array")
+        if targets.ndim == 1:
+            targets = targets[:, None]
+        if targets.ndim != 2:
+            raise ValueError(f"targets must have shape (N, Q) or (N,), got {targets.shape}")
+        _check_finite("targets", targets)
+        if loss == "cross_entropy" and _is_concrete(targets):
+            if bool(jnp.any(targets < 0)):
+                raise ValueError("cross-entropy targets must be non-negative label vectors")
+        self.inputs = inputs
+        self.targets = targets
+        self.apply_fn = apply_fn
+        self.loss = loss
+        self.batched = batched
+        self.residual_fn = residual_fn
+
+    @classmethod
+    def from_residual(cls, residual_fn: Callable[[PyTree], Array], num_residuals: int | None = None,
+                      example_params: PyTree | None = None) -> "Problem":
+        r"""A general least-squares problem $C(\theta) = \frac{1}{2m}\|r(\theta)\|^2$.
+
+        `residual_fn(params) -> (m,)`; each residual entry is one output with target 0, so
+        N = m and Q = 1. Serves curve fitting, PDE residuals (PINNs) and classic test problems.
+        Give `num_residuals`, or `example_params` from which it is read by `jax.eval_shape`.
+        """
+        if not callable(residual_fn):
+            raise TypeError(f"residual_fn must be callable, got {type(residual_fn).__name__}")
+        if num_residuals is None:
+            if example_params is None:
+                raise ValueError("from_residual needs num_residuals or example_params")
+            shape = jax.eval_shape(residual_fn, example_params).shape
+            if len(shape) != 1:
+                raise ValueError(f"residual_fn must return shape (m,), got {shape}")
+            num_residuals = shape[0]
+        targets = jnp.zeros((int(num_residuals), 1))
+        return cls(None, None, targets, residual_fn=residual_fn)
+
+    # ------------------------------------------------------------------ sizes and data
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples (residuals for `from_residual`)."""
+        return self.targets.shape[0]
+
+    @property
+    def output_dim(self) -> int:
+        """Q, the output dimension of one sample."""
+        return self.targets.shape[1]
+
+    def with_data(self, inputs: PyTree[Array], targets: Array) -> "Problem":
+        """The same model and loss on other data (a mini-batch, say), validated like `__init__`."""
+        if self.residual_fn is not None:
+            raise ValueError("a residual problem has no data to replace")
+        return Problem(self.apply_fn, inputs, targets, loss=self.loss, batched=self.batched)
+
+    # ------------------------------------------------------------------ outputs and cost
+
+    def _check_sample_output(self, out: Array, expect_batch: int | None) -> Array:
+        q = self.output_dim
+        shape = out.shape
+        if expect_batch is None:
+            ok = shape == (q,) or (q == 1 and shape == ())
+            want = f"({q},)"
+        else:
+            ok = shape == (expect_batch, q) or (q == 1 and shape == (expect_batch,))
+            want = f"({expect_batch}, {q})"
+        if not ok:
+            raise ValueError(
+                f"apply_fn returned shape {shape}{' per sample' if expect_batch is None else ''}; "
+                f"expected {want} to match targets of shape {self.targets.shape}"
+            )
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            raise TypeError(f"apply_fn returned dtype {out.dtype}; outputs must be floating point")
+        return out.reshape(shape[:1] + (q,) if expect_batch is not None else (q,))
+
+    def _sample_output(self, params: PyTree, u: PyTree) -> Float[Array, " Q"]:
+        """x_j = f(θ, u_j) for one sample, shape (Q,)."""
+        if self.batched:
+            batch = jax.tree_util.tree_map(lambda a: a[None], u)
+            out = self._check_sample_output(self.apply_fn(params, batch), 1)
+            return out[0]
+        return self._check_sample_output(self.apply_fn(params, u), None)
+
+    def outputs(self, params: PyTree) -> Float[Array, "N Q"]:
+        """All outputs x(θ), shape ``(N, Q)``."""
+        check_params(params)
+        if self.residual_fn is not None:
+            r = self.residual_fn(params)
+            if r.shape != (self.num_samples,):
+                raise ValueError(
+                    f"residual_fn returned shape {r.shape}; expected ({self.num_samples},)"
+                )
+            return r[:, None]
+        if self.batched:
+            return self._check_sample_output(self.apply_fn(params, self.inputs), self.num_samples)
+        return jax.vmap(self._sample_output, in_axes=(None, 0))(params, self.inputs)
+
+    def cost(self, params: PyTree) -> Float[Array, ""]:
+        """C(θ); for L², (1/2N) Σ_j ‖x_j − y_j‖²."""
+        return self.cost_from_outputs(self.outputs(params))
+
+    def cost_from_outputs(self, x: Float[Array, "N Q"]) -> Float[Array, ""]:
+        """C as a function of the outputs x."""
+        return get_loss(self.loss).cost(x, self.targets.astype(x.dtype))
+
+    def output_gradient(self, x: Float[Array, "N Q"]) -> Float[Array, "N Q"]:
+        """∇ₓC at outputs x; for L², (x − y)/N."""
+        return get_loss(self.loss).output_gradient(x, self.targets.astype(x.dtype))
+
+    # ------------------------------------------------------------------ derivatives
+
+    def linearize(self, params: PyTree) -> tuple[Float[Array, "N Q"], Float[Array, "NQ K"]]:
+        """Outputs x(θ) and the output Jacobian D(θ) together, in one pass.
+
+        D has shape ``(N*Q, K)``: row ``j*Q + q`` is ∂x_{j,q}/∂θ, columns in `ravel_pytree`
+        order. For per-sample models it is computed **per sample** (vmap of a per-sample
+        Jacobian: Q reverse passes, or K forward passes when K < Q, for each sample), never by
+        differentiating the stacked batch function, which costs N times more (DESIGN §4).
+        """
+        check_params(params)
+        flat, unravel = ravel_pytree(params)
+        num_params = flat.shape[0]
+        if self.residual_fn is not None:
+
+            def stacked(f):
+                x = self.outputs(unravel(f))
+                return x, x
+
+            jac_fn = jax.jacfwd if num_params < self.num_samples else jax.jacrev
+            jac, x = jac_fn(stacked, has_aux=True)(flat)
+            return x, jac.reshape(self.num_samples, num_params)
+
+        def sample(f, u):
+            x = self._sample_output(unravel(f), u)
+            return x, x
+
+        jac_fn = jax.jacfwd if num_params < self.output_dim else jax.jacrev
+        per_sample = jac_fn(sample, has_aux=True)
+        jac, x = jax.vmap(per_sample, in_axes=(None, 0))(flat, self.inputs)
+        return x, jac.reshape(self.num_samples * self.output_dim, num_params)
+
+    def jacobian(self, params: PyTree) -> Float[Array, "NQ K"]:
+        """The output Jacobian D(θ), shape ``(N*Q, K)``; see `linearize`."""
+        return self.linearize(params)[1]
+
+    def jvp(self, params: PyTree, tangent: PyTree) -> Float[Array, "N Q"]:
+        """D(θ)·v for a tangent pytree v shaped like params; one forward-mode pass."""
+        return jax.jvp(self.outputs, (params,), (tangent,))[1]
+
+    def vjp(self, params: PyTree, cotangent: Float[Array, "N Q"]) -> PyTree:
+        """D(θ)ᵀ·w for output cotangents w of shape ``(N, Q)``; one reverse pass."""
+        _, pullback = jax.vjp(self.outputs, params)
+        return pullback(cotangent)[0]
+
+
+def num_parameters(params: PyTree) -> int:
+    """K, the number of scalar parameters (all leaves of the pytree)."""
+    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
+
