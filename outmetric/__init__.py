@@ -2,6 +2,9 @@
 
 import importlib.metadata
 
+from ._fit import FitResult as FitResult
+from ._fit import NonFiniteError as NonFiniteError
+from ._fit import fit as fit
 from ._flows import AbstractFlow as AbstractFlow
 from ._flows import AdaptedFlow as AdaptedFlow
 from ._flows import StandardFlow as StandardFlow
@@ -15,6 +18,10 @@ from ._problem import num_parameters as num_parameters
 from ._solve import SOLVERS as SOLVERS
 from ._solve import SolveResult as SolveResult
 from ._solve import output_metric_gradient as output_metric_gradient
+from ._transform import OutputMetricDescentState as OutputMetricDescentState
+from ._transform import ScaleByOutputMetricState as ScaleByOutputMetricState
+from ._transform import output_metric_descent as output_metric_descent
+from ._transform import scale_by_output_metric as scale_by_output_metric
 
 try:
     __version__ = importlib.metadata.version("outmetric")

@@ -65,6 +65,8 @@ class SolveResult(NamedTuple):
 class Linearization(NamedTuple):
     """D at one point, dense (`jacobian`) or matrix-free (`jvp`, `vjp`), plus the outputs there.
 
+    `gram` caches the Gram matrix of the smaller side (DDᵀ if M ≤ K, else DᵀD) for the Cholesky
+    method, so repeated solves with different damping (Levenberg–Marquardt) form it once.
     Built by `linearize` inside a traced function; not meant to cross a `jit` boundary.
     """
 
@@ -74,6 +76,7 @@ class Linearization(NamedTuple):
     jacobian: Float[Array, "M K"] | None
     jvp: Callable[[Array], Array] | None
     vjp: Callable[[Array], Array] | None
+    gram: Float[Array, "n n"] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -104,12 +107,19 @@ def resolve_solver(solver: str, damping, num_rows: int, num_params: int, dtype) 
     return "qr" if is_static_zero(damping) else "cholesky"
 
 
-def linearize(problem: Problem, params: PyTree, *, matrix_free: bool = False) -> Linearization:
-    """Linearize `problem` at `params`: the dense Jacobian, or JVP/VJP closures if `matrix_free`."""
+def linearize(problem: Problem, params: PyTree, *, method: str = "qr") -> Linearization:
+    """Linearize `problem` at `params` for a resolved `method`.
+
+    Dense methods get the Jacobian (and, for `"cholesky"`, the Gram matrix of the smaller side);
+    `"cg"` gets JVP/VJP closures and never forms D.
+    """
     flat, unravel = ravel_pytree(params)
-    if not matrix_free:
+    if method != "cg":
         x, jac = problem.linearize(params)
-        return Linearization(x, flat, unravel, jac, None, None)
+        gram = None
+        if method == "cholesky":
+            gram = jac @ jac.T if jac.shape[0] <= jac.shape[1] else jac.T @ jac
+        return Linearization(x, flat, unravel, jac, None, None, gram)
 
     def stacked(f):
         return problem.outputs(unravel(f)).reshape(-1)
@@ -157,12 +167,12 @@ def solve(
     dtype = lin.flat_params.dtype
     method = resolve_solver(solver, damping, num_rows, num_params, dtype)
     if method != "cg" and lin.jacobian is None:
-        raise ValueError(f"solver={method!r} needs a dense Jacobian; linearize without matrix_free")
+        raise ValueError(f"solver={method!r} needs a dense Jacobian; linearize with a dense method")
     rtol = default_rtol(num_rows, num_params, dtype) if rtol is None else rtol
     rhs = rhs.reshape(-1).astype(dtype)
     lam = jnp.asarray(damping, dtype)
     if method == "cholesky":
-        return _cholesky(lin.jacobian, rhs, lam, rtol)
+        return _cholesky(lin, rhs, lam, rtol)
     if method == "qr":
         return _qr(lin.jacobian, rhs, damping, rtol)
     if method == "svd":
@@ -182,10 +192,14 @@ def _svd(jac, rhs, lam, rtol, *, fallback: bool) -> SolveResult:
                        jnp.asarray(True))
 
 
-def _cholesky(jac, rhs, lam, rtol) -> SolveResult:
+def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
+    jac = lin.jacobian
     num_rows, num_params = jac.shape
     wide = num_rows <= num_params
-    gram = jac @ jac.T if wide else jac.T @ jac
+    if lin.gram is not None:
+        gram = lin.gram
+    else:
+        gram = jac @ jac.T if wide else jac.T @ jac
     scale = jnp.max(jnp.diag(gram))
     chol = jnp.linalg.cholesky(gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype))
     pivots = jnp.diag(chol) ** 2
@@ -282,7 +296,7 @@ def output_metric_gradient(
     flat, _ = ravel_pytree(params)
     method = resolve_solver(solver, damping, problem.num_samples * problem.output_dim,
                             flat.shape[0], flat.dtype)
-    lin = linearize(problem, params, matrix_free=method == "cg")
+    lin = linearize(problem, params, method=method)
     grad_x = problem.output_gradient(lin.outputs)
     result = solve(lin, grad_x.reshape(-1), damping=damping, solver=method, **solve_options)
     return lin.unravel(result.delta), result, lin

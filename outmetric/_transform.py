@@ -1,0 +1,331 @@
+r"""Output-metric descent as optax gradient transformations (DESIGN §3).
+
+The Euler step of the adapted flow with time step $h = \eta N$ is
+
+$$\Delta\theta = -\eta\,D^+(x - y)\qquad(\text{damped: }-\eta\,D^\top(DD^\top + \lambda I)^{-1}(x - y)),$$
+
+and in general $-\eta\,D^+(N\nabla_x C)$. Both transformations take the current batch as the
+keyword extra argument ``problem`` (an `outmetric.Problem`), as `optax.lbfgs` takes
+``value_fn``:
+
+    updates, state = opt.update(grads, state, params, problem=problem)
+
+The ordinary gradient ``grads`` is accepted so the transformations compose with the rest of
+optax (`optax.apply_if_finite` inspects it, for instance); the step itself does not use it.
+"""
+
+import weakref
+from typing import NamedTuple
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int
+
+from ._problem import Problem
+from ._solve import SOLVERS, SolveResult, linearize, resolve_solver, solve
+
+
+#: Update functions that ignore their `grads` argument; `fit` skips the backward pass for them.
+GRADIENT_FREE: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _require_problem(name: str, extra_args: dict) -> Problem:
+    problem = extra_args.get("problem")
+    if problem is None:
+        raise ValueError(
+            f"{name}.update needs the current batch as an extra argument: "
+            "opt.update(grads, state, params, problem=problem)"
+        )
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    return problem
+
+
+def _check_solver(solver: str) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not a known solver; choose one of {list(SOLVERS)}")
+
+
+def _check_nonnegative(name: str, value) -> None:
+    if isinstance(value, (int, float)) and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _residual_vector(problem: Problem, outputs: Array) -> Array:
+    """N·∇ₓC, flattened: x − y for the L² loss."""
+    return (problem.num_samples * problem.output_gradient(outputs)).reshape(-1)
+
+
+class ScaleByOutputMetricState(NamedTuple):
+    """State of `scale_by_output_metric`: what the last solve reported."""
+
+    rank: Int[Array, ""]
+    fallback: Bool[Array, ""]
+    converged: Bool[Array, ""]
+
+
+def scale_by_output_metric(
+    *,
+    damping: float = 0.0,
+    solver: str = "auto",
+    rtol: float | None = None,
+    cg_tol: float | None = None,
+    cg_max_steps: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Replace the gradient by the output-metric direction $D^+ (N\nabla_x C)$.
+
+    $$u = D^+ (x - y)\qquad(\text{damped: } u = D^\top(DD^\top + \lambda I)^{-1}(x - y)),$$
+
+    with D the output Jacobian of the `problem` extra argument at `params`. Like `scale_by_adam`
+    it returns a descent *direction*: chain it with `optax.scale_by_learning_rate` (which
+    multiplies by $-\eta$) for the step $-\eta D^+(x - y)$. No safeguards: see
+    `output_metric_descent` for backtracking and adaptive damping.
+
+    **Arguments:**
+
+    - `damping`: fixed λ ≥ 0.
+    - `solver`: `"auto"`, `"cholesky"`, `"qr"`, `"svd"` or `"cg"` (`outmetric._solve`); the
+      solve works on the smaller side (QN×QN or K×K).
+    - `rtol`, `cg_tol`, `cg_max_steps`: passed to the solve.
+    """
+    _check_solver(solver)
+    _check_nonnegative("damping", damping)
+
+    def init_fn(params):
+        del params
+        return ScaleByOutputMetricState(jnp.asarray(-1, jnp.int32), jnp.asarray(False),
+                                        jnp.asarray(True))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del updates, state
+        if params is None:
+            raise ValueError("scale_by_output_metric.update needs params")
+        problem = _require_problem("scale_by_output_metric", extra_args)
+        lin, method = _linearize(problem, params, damping, solver)
+        result = solve(lin, _residual_vector(problem, lin.outputs), damping=damping,
+                       solver=method, rtol=rtol, cg_tol=cg_tol, cg_max_steps=cg_max_steps)
+        direction = lin.unravel(result.delta)
+        direction = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), direction, params)
+        return direction, ScaleByOutputMetricState(result.rank, result.fallback, result.converged)
+
+    GRADIENT_FREE.add(update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _linearize(problem, params, damping, solver):
+    flat = jax.flatten_util.ravel_pytree(params)[0]
+    method = resolve_solver(solver, damping, problem.num_samples * problem.output_dim,
+                            flat.shape[0], flat.dtype)
+    return linearize(problem, params, method=method), method
+
+
+class OutputMetricDescentState(NamedTuple):
+    """State of `output_metric_descent`, all arrays (checkpointable with any pytree tool).
+
+    - `count`: steps taken.
+    - `damping`: λ used by the last accepted step (adaptive: the next try starts from it).
+    - `damping_growth`: the Levenberg–Marquardt growth factor ν for the next rejection.
+    - `step_size`: the fraction of the step finally taken (0 when no decrease was found).
+    - `rank`, `fallback`: what the last solve reported.
+    - `cost`: C before the last step.
+    """
+
+    count: Int[Array, ""]
+    damping: Float[Array, ""]
+    damping_growth: Float[Array, ""]
+    step_size: Float[Array, ""]
+    rank: Int[Array, ""]
+    fallback: Bool[Array, ""]
+    cost: Float[Array, ""]
+
+
+def output_metric_descent(
+    learning_rate: float | optax.Schedule = 1.0,
+    *,
+    damping: float | str = "adaptive",
+    initial_damping: float = 1e-3,
+    solver: str = "auto",
+    linesearch: str | None = "backtracking",
+    max_linesearch_steps: int = 30,
+    rtol: float | None = None,
+    cg_tol: float | None = None,
+    cg_max_steps: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Output-metric descent: the discretised adapted flow with safeguards.
+
+    $$\theta_{k+1} = \theta_k - \eta_k\,\alpha_k\,D^\top(DD^\top + \lambda_k I)^{-1}(x - y)$$
+
+    (for a general loss, $N\nabla_x C$ replaces $x - y$), computed on the smaller side of the
+    solve. $\eta_k$ is the learning rate (or schedule) and:
+
+    - `damping="adaptive"` (default): Levenberg–Marquardt. λ starts at `initial_damping` times
+      the mean diagonal of the Gram matrix and follows the gain ratio
+      $\rho = (C(\theta) - C(\theta + s)) / (\langle\nabla_xC, -Ds\rangle - \|Ds\|^2/2N)$ of the
+      trial step $s$: accept when $\rho > 10^{-4}$ and decrease λ by
+      $\max(1/3, 1 - (2\rho - 1)^3)$, otherwise multiply λ by ν and double ν (Nielsen's rule),
+      re-solving with the same Jacobian. Here $\alpha_k = 1$ or 0.
+    - `damping=λ` (a number ≥ 0): fixed damping; with `linesearch="backtracking"` the step
+      fraction $\alpha_k$ is the largest of 1, 1/2, 1/4, … that decreases C.
+    - `linesearch=None` with fixed damping: the plain Euler step ($\alpha_k = 1$).
+
+    With adaptive damping or backtracking the cost never increases: a step that finds no
+    decrease is not taken (`state.step_size == 0`). For a model linear in θ with λ = 0 and no
+    line search the residual shrinks by exactly $(1 - \eta)$ per step.
+
+    **Arguments:**
+
+    - `learning_rate`: η in (0, 1], or an optax schedule of the step count.
+    - `damping`: `"adaptive"` or a fixed λ ≥ 0.
+    - `initial_damping`: the adaptive λ's start, relative to the mean Gram diagonal.
+    - `solver`: as in `scale_by_output_metric`; `"auto"` picks Cholesky of the damped Gram.
+    - `linesearch`: `"backtracking"` or None (ignored under adaptive damping, which already
+      accepts or rejects each step).
+    - `max_linesearch_steps`: trials per update (halvings, or λ increases).
+
+    Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
+    """
+    _check_solver(solver)
+    adaptive = isinstance(damping, str)
+    if adaptive and damping != "adaptive":
+        raise ValueError(f"damping must be 'adaptive' or a number >= 0, got {damping!r}")
+    if not adaptive:
+        _check_nonnegative("damping", damping)
+    if isinstance(learning_rate, (int, float)) and not 0 < learning_rate <= 1:
+        raise ValueError(f"learning_rate must lie in (0, 1], got {learning_rate}")
+    if not (callable(learning_rate) or isinstance(learning_rate, (int, float))
+            or hasattr(learning_rate, "dtype")):
+        raise TypeError(f"learning_rate must be a number or an optax schedule, got {learning_rate!r}")
+    if linesearch not in ("backtracking", None):
+        raise ValueError(f"linesearch must be 'backtracking' or None, got {linesearch!r}")
+    # Numbers may arrive as arrays (optax.inject_hyperparams injects every numeric argument).
+    if isinstance(max_linesearch_steps, (int, float)) and not (
+        float(max_linesearch_steps).is_integer() and max_linesearch_steps >= 1
+    ):
+        raise ValueError(f"max_linesearch_steps must be a positive integer, got {max_linesearch_steps!r}")
+    _check_nonnegative("initial_damping", initial_damping)
+    solve_damping = 1.0 if adaptive else damping  # any non-zero traced λ picks the Cholesky path
+
+    def init_fn(params):
+        dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
+        lam = jnp.asarray(-1.0 if adaptive else damping, dtype)  # -1: set at the first step
+        return OutputMetricDescentState(
+            jnp.asarray(0, jnp.int32), lam, jnp.asarray(2.0, dtype), jnp.asarray(0.0, dtype),
+            jnp.asarray(-1, jnp.int32), jnp.asarray(False), jnp.asarray(jnp.inf, dtype),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del updates
+        if params is None:
+            raise ValueError("output_metric_descent.update needs params")
+        problem = _require_problem("output_metric_descent", extra_args)
+        lin, method = _linearize(problem, params, solve_damping, solver)
+        dtype = lin.flat_params.dtype
+        eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        eta = jnp.asarray(eta, dtype)
+        residual = _residual_vector(problem, lin.outputs)
+        grad_x = residual / problem.num_samples
+        cost0 = problem.cost_from_outputs(lin.outputs)
+
+        def solve_with(lam):
+            return solve(lin, residual, damping=lam, solver=method, rtol=rtol, cg_tol=cg_tol,
+                         cg_max_steps=cg_max_steps)
+
+        def trial_cost(step):
+            return problem.cost(lin.unravel(lin.flat_params - step))
+
+        if adaptive:
+            step, lam, nu, taken, result = _levenberg_marquardt(
+                lin, solve_with, trial_cost, state, eta, grad_x, cost0, problem.num_samples,
+                initial_damping, max_linesearch_steps,
+            )
+        else:
+            result = solve_with(jnp.asarray(damping, dtype))
+            lam, nu = state.damping, state.damping_growth
+            if linesearch == "backtracking":
+                step, taken = _backtrack(eta * result.delta, trial_cost, cost0,
+                                         max_linesearch_steps)
+            else:
+                step, taken = eta * result.delta, jnp.asarray(1.0, dtype)
+        new_updates = lin.unravel(-step)
+        new_updates = jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), new_updates, params)
+        new_state = OutputMetricDescentState(
+            state.count + 1, lam, nu, taken, result.rank, result.fallback, cost0
+        )
+        return new_updates, new_state
+
+    GRADIENT_FREE.add(update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _backtrack(step, trial_cost, cost0, max_steps):
+    """Largest α in {1, 1/2, …} with C(θ − α·step) < C(θ); α = 0 if none within `max_steps`."""
+
+    def cond(carry):
+        i, alpha, done = carry
+        return (i < max_steps) & ~done
+
+    def body(carry):
+        i, alpha, _ = carry
+        value = trial_cost(alpha * step)
+        ok = jnp.isfinite(value) & (value < cost0)
+        return i + 1, jnp.where(ok, alpha, 0.5 * alpha), ok
+
+    one = jnp.asarray(1.0, step.dtype)
+    _, alpha, found = jax.lax.while_loop(cond, body, (0, one, jnp.asarray(False)))
+    alpha = jnp.where(found, alpha, 0.0)
+    return alpha * step, alpha
+
+
+def _levenberg_marquardt(lin, solve_with, trial_cost, state, eta, grad_x, cost0, num_samples,
+                         initial_damping, max_tries):
+    """Adapt λ by the gain ratio, re-solving with the same linearization until C decreases."""
+    dtype = lin.flat_params.dtype
+    num_rows, num_params = lin.shape
+    if lin.gram is not None:
+        scale = jnp.trace(lin.gram) / num_rows
+    elif lin.jacobian is not None:
+        scale = jnp.sum(lin.jacobian**2) / num_rows
+    else:  # matrix-free: Hutchinson estimate of ‖D‖_F² from one Rademacher probe
+        probe = jax.random.rademacher(jax.random.PRNGKey(0), (num_rows,), dtype)
+        scale = jnp.sum(lin.rmatvec(probe) ** 2) / num_rows
+    scale = jnp.maximum(scale, jnp.finfo(dtype).tiny)
+    # Below this floor the damped Gram's Cholesky pivots lose all accuracy (and would send the
+    # solve to its SVD fallback); above the cap the step underflows.
+    floor = 10.0 * max(num_rows, num_params) * float(jnp.finfo(dtype).eps) * scale
+    cap = 1e16 * scale
+    lam0 = jnp.where(state.damping < 0, initial_damping * scale, state.damping)
+    lam0 = jnp.clip(lam0, floor, cap)
+    zero_step = jnp.zeros_like(lin.flat_params)
+    no_result = SolveResult(zero_step, jnp.asarray(-1, jnp.int32), jnp.asarray(False),
+                            jnp.asarray(True))
+
+    def cond(carry):
+        i, lam, nu, accepted, step, result = carry
+        return (i < max_tries) & ~accepted
+
+    def body(carry):
+        i, lam, nu, _, _, _ = carry
+        result = solve_with(lam)
+        step = eta * result.delta
+        d_step = lin.matvec(step)
+        predicted = jnp.vdot(grad_x.reshape(-1), d_step) - jnp.vdot(d_step, d_step) / (
+            2 * num_samples)
+        value = trial_cost(step)
+        actual = cost0 - value
+        gain = jnp.where(predicted > 0, actual / jnp.where(predicted > 0, predicted, 1.0), -1.0)
+        accepted = jnp.isfinite(value) & (actual > 0) & (gain > 1e-4)
+        shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * gain - 1.0) ** 3)
+        new_lam = jnp.where(accepted, lam * shrink, lam * nu)
+        new_nu = jnp.where(accepted, 2.0, 2.0 * nu)
+        lam_out = jnp.clip(new_lam, floor, cap)
+        return (i + 1, lam_out, new_nu, accepted, jnp.where(accepted, step, zero_step), result)
+
+    init = (0, lam0, state.damping_growth, jnp.asarray(False), zero_step, no_result)
+    _, lam, nu, accepted, step, result = jax.lax.while_loop(cond, body, init)
+    # No decrease within the budget (at the round-off floor, or at a stationary point): keep the
+    # λ this update started from rather than leave it at the escalated value.
+    lam = jnp.where(accepted, lam, lam0)
+    nu = jnp.where(accepted, nu, 2.0)
+    return step, lam, nu, accepted.astype(dtype), result
