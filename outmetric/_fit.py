@@ -5,6 +5,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -76,12 +77,19 @@ def _step(optimizer, problem, params, state, use_grad):
 
 
 @eqx.filter_jit
-def _run_chunk(optimizer, problem, params, state, costs, start, stop, eps, use_grad):
-    """Steps start..stop-1 in one compiled `while_loop`; stops at C ≤ eps or a non-finite value."""
+def _run_chunk(optimizer, problem, params, state, num, eps, use_grad, chunk):
+    """Up to `num` ≤ `chunk` steps in one compiled `while_loop`; stops at C ≤ eps or non-finite.
+
+    Returns (steps taken, params, state, costs before each step (length `chunk`), done, bad).
+    Only `chunk` is static, so every chunk of every `fit` call with that chunk size reuses one
+    compilation.
+    """
+    dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
+    costs = jnp.full(chunk, jnp.nan, dtype)
 
     def cond(carry):
         i, _, _, _, done, bad = carry
-        return (i < stop) & ~done & ~bad
+        return (i < num) & ~done & ~bad
 
     def body(carry):
         i, params, state, costs, _, _ = carry
@@ -93,9 +101,8 @@ def _run_chunk(optimizer, problem, params, state, costs, start, stop, eps, use_g
         state = jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), state, new_state)
         return i + jnp.where(keep, 0, 1), params, state, costs, done, ~finite & ~done
 
-    init = (start, params, state, costs, jnp.asarray(False), jnp.asarray(False))
-    i, params, state, costs, done, bad = jax.lax.while_loop(cond, body, init)
-    return i, params, state, costs, done, bad
+    init = (jnp.asarray(0), params, state, costs, jnp.asarray(False), jnp.asarray(False))
+    return jax.lax.while_loop(cond, body, init)
 
 
 def fit(
@@ -127,7 +134,7 @@ def fit(
     - `max_steps`: step budget.
     - `callback`: `callback(step, params, state, cost)` after each chunk; return True to stop.
     - `progress`: show a tqdm bar.
-    - `chunk_size`: steps per compiled chunk (default: about 20 chunks, at most 100 steps each).
+    - `chunk_size`: steps per compiled chunk (default 10); the host checks in between.
     - `batches`: an iterable of `(inputs, targets)` mini-batches for the stochastic adapted
       method: one step (one solve) per batch on `problem.with_data(inputs, targets)`.
 
@@ -158,31 +165,34 @@ def fit(
                             batches, use_grad)
 
     dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
-    costs = jnp.full(max_steps + 1, jnp.nan, dtype)
     eps_value = jnp.asarray(-jnp.inf if eps is None else eps, dtype)
-    chunk = chunk_size or max(1, min(100, max_steps // 20))
+    chunk = chunk_size or 10
+    history: list[float] = []
     bar = tqdm(total=max_steps, disable=not progress, desc="fit", unit="step")
     step, done, bad, stopped = 0, False, False, False
     try:
         while step < max_steps and not (done or bad or stopped):
-            stop = min(step + chunk, max_steps)
-            new_step, params_c, state_c, costs, done_c, bad_c = _run_chunk(
-                optimizer, problem, params, state, costs, jnp.asarray(step), jnp.asarray(stop),
-                eps_value, use_grad,
+            num = min(chunk, max_steps - step)
+            taken, params, state, costs, done_c, bad_c = _run_chunk(
+                optimizer, problem, params, state, jnp.asarray(num), eps_value, use_grad, chunk
             )
-            new_step, done, bad = int(new_step), bool(done_c), bool(bad_c)
-            params, state = params_c, state_c
-            bar.update(new_step - step)
-            step = new_step
-            last = float(costs[max(step - 1, 0)] if not done else costs[step])
+            taken, done, bad = int(taken), bool(done_c), bool(bad_c)
+            costs = np.asarray(costs)
+            history.extend(costs[:taken].tolist())
+            if done:
+                history.append(float(costs[taken]))
+            bar.update(taken)
+            step += taken
+            last = history[-1] if history else float("nan")
             bar.set_postfix(cost=f"{last:.3e}")
             if callback is not None and callback(step, params, state, last):
                 stopped = True
     finally:
         bar.close()
-    final_cost = float(problem.cost(params)) if not done else float(costs[step])
-    history = np.asarray(costs[: step + 1]).copy()
-    history[step] = final_cost
+    if not done:
+        history.append(float(problem.cost(params)))
+    history = np.asarray(history)
+    final_cost = float(history[-1])
     result = FitResult(params, state, history, step, bool(eps is not None and final_cost <= eps))
     if bad:
         raise NonFiniteError(
