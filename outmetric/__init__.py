@@ -2,6 +2,9 @@
 
 import importlib.metadata
 
+from ._data import Dataset as Dataset
+from ._data import bundled_dataset_path as bundled_dataset_path
+from ._data import load_dataset as load_dataset
 from ._fit import FitResult as FitResult
 from ._fit import NonFiniteError as NonFiniteError
 from ._fit import fit as fit
@@ -13,6 +16,7 @@ from ._flows import standard_flow as standard_flow
 from ._integrate import Trajectory as Trajectory
 from ._integrate import integrate as integrate
 from ._integrate import stopping_time as stopping_time
+from ._models import mlp as mlp
 from ._problem import Problem as Problem
 from ._problem import num_parameters as num_parameters
 from ._solve import SOLVERS as SOLVERS
