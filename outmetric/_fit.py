@@ -1,6 +1,9 @@
-"""`fit`: a compiled training loop for any optax optimizer on a `Problem`, full-batch or mini-batch."""
+"""`fit`: a compiled training loop for any optax optimizer on a `Problem`, full-batch or
+mini-batch, that never returns non-finite parameters as a success and can checkpoint and resume."""
 
 import math
+import numbers
+import os
 from typing import Any, Callable, Iterable, NamedTuple
 
 import equinox as eqx
@@ -12,8 +15,17 @@ import optax
 from jaxtyping import PyTree
 from tqdm.auto import tqdm
 
+from ._checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from ._errors import NonFiniteError
 from ._problem import Problem, check_params
-from ._transform import GRADIENT_FREE, output_metric_descent
+from ._transform import (
+    GRADIENT_FREE,
+    OutputMetricDescentState,
+    ScaleByOutputMetricState,
+    output_metric_descent,
+)
+
+__all__ = ["FitResult", "NonFiniteError", "fit"]
 
 
 class FitResult(NamedTuple):
@@ -22,8 +34,13 @@ class FitResult(NamedTuple):
     - `params`, `state`: the final parameters and optimizer state.
     - `costs`: C at the start of each step and at the end, shape `(num_steps + 1,)` (for the
       mini-batch form: each batch's cost before its step).
-    - `num_steps`: optimizer steps taken.
+    - `num_steps`: optimizer steps taken (including those before a resumed checkpoint).
     - `converged`: whether C ≤ `eps` was reached (False without `eps`).
+    - `fallback_steps`: how many steps' output-metric solves fell back to the rank-revealing
+      SVD because the Gram matrix was singular or too ill-conditioned for its factorization
+      (0 for optimizers without an output-metric solve).
+    - `min_rank`: the smallest rank of D that those solves estimated (-1: none estimated).
+    - `resumed_from`: the step of the checkpoint this run resumed from (0 for a fresh run).
     """
 
     params: PyTree
@@ -31,14 +48,9 @@ class FitResult(NamedTuple):
     costs: np.ndarray
     num_steps: int
     converged: bool
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite cost or parameters; `.result` holds the last finite state."""
-
-    def __init__(self, message: str, result: FitResult):
-        super().__init__(message)
-        self.result = result
+    fallback_steps: int = 0
+    min_rank: int = -1
+    resumed_from: int = 0
 
 
 _DEFAULT_OPTIMIZER: list = []
@@ -63,8 +75,34 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def _is_solve_state(x) -> bool:
+    return isinstance(x, (OutputMetricDescentState, ScaleByOutputMetricState))
+
+
+def _solve_report(state) -> tuple[jax.Array, jax.Array]:
+    """(any SVD fallback, smallest rank estimate or -1) over the outmetric states inside `state`.
+
+    Finds `OutputMetricDescentState`/`ScaleByOutputMetricState` however the optimizer nests
+    them (`optax.chain`, `inject_hyperparams`, `apply_if_finite`, ...).
+    """
+    states = [s for s in jax.tree_util.tree_leaves(state, is_leaf=_is_solve_state)
+              if _is_solve_state(s)]
+    if not states:
+        return jnp.asarray(False), jnp.asarray(-1, jnp.int32)
+    fallback = jnp.any(jnp.stack([jnp.asarray(s.fallback, bool) for s in states]))
+    ranks = jnp.stack([jnp.asarray(s.rank, jnp.int32) for s in states])
+    known = ranks >= 0
+    rank = jnp.where(jnp.any(known), jnp.min(jnp.where(known, ranks, jnp.iinfo(jnp.int32).max)), -1)
+    return fallback, rank.astype(jnp.int32)
+
+
+def _merge_rank(current, new):
+    """The smaller of two rank estimates, where -1 means 'none yet'."""
+    return jnp.where(current < 0, new, jnp.where(new < 0, current, jnp.minimum(current, new)))
+
+
 def _step(optimizer, problem, params, state, use_grad):
-    """One optimizer step: (cost before, new params, new state, finite?)."""
+    """One optimizer step: (cost before, new params, new state, new params finite?)."""
     if use_grad:
         cost, grads = jax.value_and_grad(problem.cost)(params)
     else:
@@ -72,37 +110,68 @@ def _step(optimizer, problem, params, state, use_grad):
         grads = jax.tree_util.tree_map(jnp.zeros_like, params)
     updates, new_state = optimizer.update(grads, state, params, problem=problem)
     new_params = optax.apply_updates(params, updates)
-    finite = _all_finite(new_params) & jnp.isfinite(cost)
-    return cost, new_params, new_state, finite
+    return cost, new_params, new_state, _all_finite(new_params)
+
+
+def _select(flag, a, b):
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
 @eqx.filter_jit
-def _run_chunk(optimizer, problem, params, state, num, eps, use_grad, chunk):
-    """Up to `num` ≤ `chunk` steps in one compiled `while_loop`; stops at C ≤ eps or non-finite.
+def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
+    """Up to `num` ≤ `chunk` steps in one compiled `while_loop`.
 
-    Returns (steps taken, params, state, costs before each step (length `chunk`), done, bad).
-    Only `chunk` is static, so every chunk of every `fit` call with that chunk size reuses one
-    compilation.
+    `carry` is (params, state, prev_params, prev_state, has_prev, fallbacks, min_rank), where
+    `prev_*` are the params and state before the last step taken (`has_prev` says whether there
+    is one). The loop stops at C ≤ eps or at a non-finite value. A non-finite cost at the
+    current params means the last step led somewhere the model is not finite: that step is
+    undone (`rolled_back`). Non-finite new params are never taken.
+
+    Returns (steps taken, carry, costs before each step (length `chunk`), done, bad,
+    rolled_back). Only `chunk` is static, so every chunk of every `fit` call with that chunk
+    size reuses one compilation, and where chunks end does not change the arithmetic.
     """
+    params = carry[0]
     dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
     costs = jnp.full(chunk, jnp.nan, dtype)
 
-    def cond(carry):
-        i, _, _, _, done, bad = carry
+    def cond(loop):
+        i, _, _, done, bad, _ = loop
         return (i < num) & ~done & ~bad
 
-    def body(carry):
-        i, params, state, costs, _, _ = carry
-        cost, new_params, new_state, finite = _step(optimizer, problem, params, state, use_grad)
-        costs = costs.at[i].set(cost)
-        done = cost <= eps
-        keep = done | ~finite  # at eps, or about to go non-finite: stay where we are
-        params = jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), params, new_params)
-        state = jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), state, new_state)
-        return i + jnp.where(keep, 0, 1), params, state, costs, done, ~finite & ~done
+    def body(loop):
+        i, carry, costs, _, _, _ = loop
+        params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
+        cost, new_params, new_state, params_ok = _step(optimizer, problem, params, state,
+                                                       use_grad)
+        costs = costs.at[i].set(cost.astype(dtype))
+        cost_ok = jnp.isfinite(cost)
+        done = cost_ok & (cost <= eps)
+        advance = cost_ok & params_ok & ~done
+        rolled_back = ~cost_ok & has_prev
+        fallback, rank = _solve_report(new_state)
+        carry = (
+            _select(advance, new_params, _select(rolled_back, prev_params, params)),
+            _select(advance, new_state, _select(rolled_back, prev_state, state)),
+            _select(advance, params, prev_params),
+            _select(advance, state, prev_state),
+            advance | (has_prev & ~rolled_back),
+            fallbacks + (advance & fallback).astype(fallbacks.dtype),
+            jnp.where(advance, _merge_rank(min_rank, rank), min_rank),
+        )
+        return i + advance.astype(i.dtype), carry, costs, done, ~advance & ~done, rolled_back
 
-    init = (jnp.asarray(0), params, state, costs, jnp.asarray(False), jnp.asarray(False))
+    init = (jnp.asarray(0, jnp.int32), carry, costs, jnp.asarray(False), jnp.asarray(False),
+            jnp.asarray(False))
     return jax.lax.while_loop(cond, body, init)
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 def fit(
@@ -116,30 +185,51 @@ def fit(
     progress: bool = True,
     chunk_size: int | None = None,
     batches: Iterable | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
 ) -> FitResult:
     """Train `params` on `problem` with an optax optimizer (default `output_metric_descent()`).
 
     The loop is compiled once: chunks of steps run inside one `lax.while_loop`, and between
-    chunks the progress bar and `callback` run on the host. Each step calls
+    chunks the progress bar, `callback` and checkpoints run on the host. Each step calls
     ``optimizer.update(grads, state, params, problem=problem)``; `grads` is the ordinary
     gradient of C, except for outmetric's own transformations, which ignore it (zeros are passed
     and the backward pass is skipped).
 
     **Arguments:**
 
-    - `problem`, `params`: the problem and initial parameters.
+    - `problem`, `params`: the problem and initial parameters (finite, real floating point).
     - `optimizer`: any `optax.GradientTransformation` that accepts the `problem` extra arg
       (wrap plain optax optimizers with `optax.with_extra_args_support`; `fit` does it for you).
     - `eps`: stop once C ≤ eps (for `batches`: once a batch's cost is ≤ eps).
-    - `max_steps`: step budget.
+    - `max_steps`: the total step budget (a resumed run counts the steps before its checkpoint).
     - `callback`: `callback(step, params, state, cost)` after each chunk; return True to stop.
     - `progress`: show a tqdm bar.
     - `chunk_size`: steps per compiled chunk (default 10); the host checks in between.
     - `batches`: an iterable of `(inputs, targets)` mini-batches for the stochastic adapted
       method: one step (one solve) per batch on `problem.with_data(inputs, targets)`.
+    - `checkpoint_dir`: a folder (created if missing) where ``checkpoint.npz`` holds params,
+      optimizer state, step count and cost history. It is written atomically (temporary file,
+      then rename) every `checkpoint_every` steps, when the run ends (also by `NonFiniteError`)
+      and when it is interrupted by `KeyboardInterrupt`; a run killed outright leaves the last
+      one readable. Read it with `load_checkpoint`.
+    - `checkpoint_every`: steps between checkpoints (default: every chunk); chunks also end
+      at these steps.
+    - `resume`: if `checkpoint_dir` holds a checkpoint, continue from it (default). The
+      continued run is the same computation: its parameters and cost history equal those of an
+      uninterrupted run bit for bit (on the same machine and JAX version). With `batches`, the
+      first `step` batches of the iterable are skipped, so it must yield the same sequence
+      again. A checkpoint written with another model or optimizer is a `CheckpointError`.
+      `resume=False` starts afresh and overwrites the checkpoint.
 
-    **Returns:** a `FitResult`. A non-finite cost or parameters raise `NonFiniteError`, whose
-    `.result` holds the last finite parameters and state, so nothing is lost.
+    Precision follows `params`: JAX computes in float32 unless float64 is switched on
+    (``jax.config.update("jax_enable_x64", True)``) and params and data are float64.
+
+    **Returns:** a `FitResult`, which also reports how many steps' solves needed the
+    rank-revealing fallback. A non-finite cost or parameters raise `NonFiniteError`, whose
+    `.result` holds the last parameters with a finite cost and their optimizer state, so nothing
+    is lost; wrap the optimizer in `optax.apply_if_finite` to skip non-finite updates instead.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
@@ -148,94 +238,218 @@ def fit(
         optimizer = _default_optimizer()
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
-                            or not eps > 0 or not math.isfinite(eps)):
+    if eps is not None and (not _is_real_number(eps) or not eps > 0 or not math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+    if not _is_positive_int(max_steps):
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and not _is_positive_int(chunk_size):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable: callback(step, params, state, cost)")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    if batches is not None and (isinstance(batches, (str, bytes))
+                                or not hasattr(batches, "__iter__")):
+        raise TypeError("batches must be an iterable of (inputs, targets) pairs, got "
+                        f"{type(batches).__name__}")
+    checkpoint = _checkpoint_path(checkpoint_dir, checkpoint_every, resume)
+    max_steps = int(max_steps)
     use_grad = _uses_gradient(optimizer)
     optimizer = optax.with_extra_args_support(optimizer)
+    if batches is None:  # (the mini-batch form checks each batch's cost as it comes)
+        cost0 = float(problem.cost(params))  # also checks apply_fn's output shape early
+        if not math.isfinite(cost0):
+            raise ValueError("params give a non-finite initial cost: the model returns NaN or "
+                             "inf at the initial params")
     state = optimizer.init(params)
-    if batches is not None:
-        return _fit_batches(problem, params, optimizer, state, eps, max_steps, callback, progress,
-                            batches, use_grad)
+    start = _Progress(0, params, state, (), 0, -1)
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        saved = load_checkpoint(checkpoint, params, state)
+        if len(saved.costs) != saved.step:
+            raise CheckpointError(f"checkpoint {checkpoint!r} has {len(saved.costs)} costs for "
+                                  f"{saved.step} steps; it was not written by fit")
+        start = _Progress(saved.step, saved.params, saved.opt_state, tuple(saved.costs.tolist()),
+                          int(saved.extra.get("fallback_steps", 0)),
+                          int(saved.extra.get("min_rank", -1)))
+    if checkpoint is not None:
+        os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+    chunk = int(chunk_size or 10)
+    every = int(checkpoint_every or chunk) if checkpoint is not None else None
+    run = _fit_batches if batches is not None else _fit_full
+    return run(problem, optimizer, start, eps, max_steps, callback, progress, chunk, batches,
+               use_grad, checkpoint, every)
 
-    dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
+
+def _checkpoint_path(checkpoint_dir, checkpoint_every, resume) -> str | None:
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    if checkpoint_every is not None and not _is_positive_int(checkpoint_every):
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    if checkpoint_dir is None:
+        if checkpoint_every is not None:
+            raise ValueError("checkpoint_every needs checkpoint_dir, the folder to write to")
+        return None
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"checkpoint_dir must be a folder path, got {type(checkpoint_dir).__name__}")
+    folder = os.fspath(checkpoint_dir) or os.curdir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"checkpoint_dir {folder!r} exists and is not a folder")
+    return os.path.join(folder, CHECKPOINT_FILE)
+
+
+class _Progress(NamedTuple):
+    """A consistent snapshot of a run, replaced as a whole (one assignment) after each chunk, so
+    a `KeyboardInterrupt` at any moment finds a state that can be checkpointed."""
+
+    step: int
+    params: PyTree
+    state: Any
+    costs: tuple
+    fallback_steps: int
+    min_rank: int
+
+
+def _save(checkpoint, snap: _Progress) -> int | None:
+    """Checkpoint `snap` (when checkpointing); returns the step saved."""
+    if checkpoint is None:
+        return None
+    save_checkpoint(checkpoint, snap.params, snap.state, snap.step, snap.costs,
+                    extra={"fallback_steps": snap.fallback_steps, "min_rank": snap.min_rank})
+    return snap.step
+
+
+def _finite_cost_message(what: str, step: int) -> str:
+    return (f"fit: {what} at step {step}: the model or the optimizer produced NaN or inf. "
+            "error.result holds the last parameters with a finite cost and their optimizer "
+            "state (wrap the optimizer in optax.apply_if_finite to skip non-finite updates)")
+
+
+def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chunk, batches,
+              use_grad, checkpoint, every):
+    dtype = jax.flatten_util.ravel_pytree(snap.params)[0].dtype
     eps_value = jnp.asarray(-jnp.inf if eps is None else eps, dtype)
-    chunk = chunk_size or 10
-    history: list[float] = []
-    bar = tqdm(total=max_steps, disable=not progress, desc="fit", unit="step")
-    step, done, bad, stopped = 0, False, False, False
+    resumed_from = saved_at = snap.step
+    # The params before the last step, to undo a step that leads to a non-finite cost.
+    prev = (snap.params, snap.state, jnp.asarray(False))
+    bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="step")
+    done = bad = rolled_back = stopped = False
+    final_cost = None
     try:
-        while step < max_steps and not (done or bad or stopped):
-            num = min(chunk, max_steps - step)
-            taken, params, state, costs, done_c, bad_c = _run_chunk(
-                optimizer, problem, params, state, jnp.asarray(num), eps_value, use_grad, chunk
+        while snap.step < max_steps and not (done or bad or stopped):
+            num = min(chunk, max_steps - snap.step)
+            if every is not None:
+                num = min(num, every - snap.step % every)
+            carry = (snap.params, snap.state, *prev, jnp.asarray(snap.fallback_steps, jnp.int32),
+                     jnp.asarray(snap.min_rank, jnp.int32))
+            taken, carry, costs, done_c, bad_c, back_c = _run_chunk(
+                optimizer, problem, carry, jnp.asarray(num), eps_value, use_grad, chunk
             )
-            taken, done, bad = int(taken), bool(done_c), bool(bad_c)
+            taken, done, bad, rolled_back = int(taken), bool(done_c), bool(bad_c), bool(back_c)
             costs = np.asarray(costs)
-            history.extend(costs[:taken].tolist())
+            history = snap.costs + tuple(costs[:taken].tolist())
+            if rolled_back:  # the last step (maybe of an earlier chunk) is undone
+                history = history[:-1]
             if done:
-                history.append(float(costs[taken]))
-            bar.update(taken)
-            step += taken
-            last = history[-1] if history else float("nan")
-            bar.set_postfix(cost=f"{last:.3e}")
-            if callback is not None and callback(step, params, state, last):
+                final_cost = float(costs[taken])
+            params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
+            prev = (prev_params, prev_state, has_prev)
+            snap = _Progress(len(history), params, state, history, int(fallbacks), int(min_rank))
+            bar.n = snap.step
+            bar.set_postfix(cost=f"{history[-1] if history else float('nan'):.3e}")
+            if every is not None and not bad and snap.step % every == 0:
+                saved_at = _save(checkpoint, snap)
+            if callback is not None and callback(snap.step, snap.params, snap.state,
+                                                 history[-1] if history else float("nan")):
                 stopped = True
+    except KeyboardInterrupt:
+        _save(checkpoint, snap)
+        raise
     finally:
         bar.close()
-    if not done:
-        history.append(float(problem.cost(params)))
-    history = np.asarray(history)
-    final_cost = float(history[-1])
-    result = FitResult(params, state, history, step, bool(eps is not None and final_cost <= eps))
+    if checkpoint is not None and (snap.step != saved_at or snap.step == 0):
+        _save(checkpoint, snap)
+    if final_cost is None:
+        final_cost = float(problem.cost(snap.params))
+    history = np.asarray(snap.costs + (final_cost,))
+    result = FitResult(snap.params, snap.state, history, snap.step,
+                       bool(eps is not None and final_cost <= eps), snap.fallback_steps,
+                       snap.min_rank, resumed_from)
     if bad:
-        raise NonFiniteError(
-            f"fit: step {step} produced a non-finite cost or parameters; stopped with the last "
-            "finite parameters in error.result (use optax.apply_if_finite to skip such steps)",
-            result,
-        )
+        what = ("the cost became non-finite" if rolled_back or not math.isfinite(final_cost)
+                else "the update gave non-finite parameters")
+        raise NonFiniteError(_finite_cost_message(what, snap.step), result)
     return result
 
 
-def _fit_batches(problem, params, optimizer, state, eps, max_steps, callback, progress, batches,
-                 use_grad):
-    step_fn = eqx.filter_jit(lambda prob, p, s: _step(optimizer, prob, p, s, use_grad))
-    costs = []
+@eqx.filter_jit
+def _batch_step(optimizer, problem, params, state, use_grad):
+    """One mini-batch step and its solve report; compiled once per optimizer and batch shape."""
+    cost, new_params, new_state, params_ok = _step(optimizer, problem, params, state, use_grad)
+    return (cost, new_params, new_state, params_ok, *_solve_report(new_state))
+
+
+def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, chunk, batches,
+                 use_grad, checkpoint, every):
+    del chunk
+    resumed_from = saved_at = snap.step
+    prev = None  # (params, state) before the last step
     converged = False
-    bar = tqdm(total=max_steps, disable=not progress, desc="fit", unit="batch")
+    failure = None
+    last_cost = None
+    iterator = iter(batches)
+    bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="batch")
     try:
-        for batch in batches:
-            if len(costs) >= max_steps:
+        for _ in range(snap.step):  # a resumed run skips the batches already trained on
+            if next(iterator, None) is None:
+                raise CheckpointError(
+                    f"resuming at step {snap.step}, but batches ended before that: pass the "
+                    "same sequence of batches as the interrupted run")
+        for batch in iterator:
+            if snap.step >= max_steps:
                 break
             try:
                 inputs, targets = batch
             except (TypeError, ValueError):
                 raise TypeError("batches must yield (inputs, targets) pairs") from None
             batch_problem = problem.with_data(inputs, targets)
-            cost, new_params, new_state, finite = step_fn(batch_problem, params, state)
+            cost, new_params, new_state, params_ok, fallback, rank = _batch_step(
+                optimizer, batch_problem, snap.params, snap.state, use_grad)
             cost = float(cost)
+            if not math.isfinite(cost):
+                if prev is not None:  # the previous step led somewhere the model is not finite
+                    snap = _Progress(snap.step - 1, *prev, snap.costs[:-1], snap.fallback_steps,
+                                     snap.min_rank)
+                failure = "the cost became non-finite"
+                break
             if eps is not None and cost <= eps:
-                costs.append(cost)
+                last_cost = cost
                 converged = True
                 break
-            if not bool(finite):
-                raise NonFiniteError(
-                    f"fit: batch {len(costs)} produced a non-finite cost or parameters",
-                    FitResult(params, state, np.asarray(costs), len(costs), False),
-                )
-            params, state = new_params, new_state
-            costs.append(cost)
+            if not bool(params_ok):
+                failure = "the update gave non-finite parameters"
+                break
+            prev = (snap.params, snap.state)
+            snap = _Progress(snap.step + 1, new_params, new_state, snap.costs + (cost,),
+                             snap.fallback_steps + int(bool(fallback)),
+                             int(_merge_rank(jnp.asarray(snap.min_rank, jnp.int32), rank)))
             bar.update(1)
             bar.set_postfix(cost=f"{cost:.3e}")
-            if callback is not None and callback(len(costs), params, state, cost):
+            if every is not None and snap.step % every == 0:
+                saved_at = _save(checkpoint, snap)
+            if callback is not None and callback(snap.step, snap.params, snap.state, cost):
                 break
+    except KeyboardInterrupt:
+        _save(checkpoint, snap)
+        raise
     finally:
         bar.close()
-    steps = len(costs) - (1 if converged else 0)
-    return FitResult(params, state, np.asarray(costs), steps, converged)
+    if checkpoint is not None and (snap.step != saved_at or snap.step == 0):
+        _save(checkpoint, snap)
+    costs = snap.costs + ((last_cost,) if converged else ())
+    result = FitResult(snap.params, snap.state, np.asarray(costs), snap.step, converged,
+                       snap.fallback_steps, snap.min_rank, resumed_from)
+    if failure is not None:
+        raise NonFiniteError(_finite_cost_message(failure, snap.step).replace("step", "batch", 1),
+                             result)
+    return result

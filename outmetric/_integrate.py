@@ -1,6 +1,9 @@
 """Integrating flows with diffrax: a priori stopping time, early stop at a target cost, saved paths."""
 
+import itertools
 import math
+import numbers
+import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -12,8 +15,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
+from ._errors import NonFiniteError
 from ._flows import AbstractFlow, adapted_flow
 from ._problem import Problem, check_params
+from ._solve import output_metric_gradient
 
 
 def stopping_time(cost0: float, eps: float, num_samples: int) -> float:
@@ -22,6 +27,9 @@ def stopping_time(cost0: float, eps: float, num_samples: int) -> float:
     Along the overparametrised adapted flow $C(s) = e^{-2s/N}C(0)$, so $C(s) \le \varepsilon$
     for every $s \ge T(\varepsilon)$. Returns 0 when $C(0) \le \varepsilon$ already.
     """
+    for name, value in (("cost0", cost0), ("eps", eps)):
+        if not _is_real(value) and not (hasattr(value, "dtype") and np.ndim(value) == 0):
+            raise ValueError(f"{name} must be a real number, got {value!r}")
     cost0, eps = float(cost0), float(eps)
     if not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a positive finite number, got {eps}")
@@ -44,6 +52,10 @@ class Trajectory(NamedTuple):
     - `num_steps`: accepted solver steps.
     - `reached_eps`: whether the cost reached ε (None without `eps`).
     - `result`: diffrax's result message ("successful" or the reason it stopped).
+    - `rank`, `fallback`: for flows built on the output-metric solve (those with a `solver`,
+      such as `adapted_flow`), the solve's rank estimate of D and whether it took the
+      rank-revealing SVD fallback (singular or near-singular Gram), at each saved time, shape
+      `(S,)`; None for other flows.
     """
 
     ts: Float[Array, " S"]
@@ -53,6 +65,8 @@ class Trajectory(NamedTuple):
     num_steps: int
     reached_eps: bool | None
     result: str
+    rank: Array | None = None
+    fallback: Array | None = None
 
     @property
     def final_params(self) -> PyTree:
@@ -70,16 +84,61 @@ class _CostBelow(eqx.Module):
         return self.problem.cost(y) <= self.eps
 
 
+# Where vector fields report non-finite values: token of an `integrate` call -> [count, first t].
+_NONFINITE: dict[int, list] = {}
+_NONFINITE_LOCK = threading.Lock()
+_TOKENS = itertools.count()
+
+
+def _record_nonfinite(token, t) -> None:
+    with _NONFINITE_LOCK:
+        entry = _NONFINITE.setdefault(int(token), [0, float(t)])
+        entry[0] += 1
+
+
+class _GuardedField(eqx.Module):
+    """The flow, reporting to the host (only) when its velocity is NaN or inf.
+
+    diffrax rejects a step whose stages are not finite and retries a smaller one, so a trial
+    stage that strays where the model is not finite is harmless; only when the integration
+    then fails does `integrate` turn these reports into a `NonFiniteError`.
+    """
+
+    flow: Any
+
+    def __call__(self, t, params, token):
+        velocity = self.flow(t, params, None)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
+                                    for v in jax.tree_util.tree_leaves(velocity)]))
+        jax.lax.cond(finite, lambda: None,
+                     lambda: jax.debug.callback(_record_nonfinite, token, t))
+        return velocity
+
+
 @eqx.filter_jit
-def _solve_flow(flow, solver, controller, params, t1, ts, eps, max_steps, progress_meter):
+def _solve_reports(flow, path):
+    """(rank, fallback) of the flow's output-metric solve at each point of `path`."""
+
+    def report(params):
+        _, result, _ = output_metric_gradient(
+            flow.problem, params, damping=getattr(flow, "damping", 0.0), solver=flow.solver,
+            rtol=getattr(flow, "rtol", None))
+        return result.rank, result.fallback
+
+    return jax.lax.map(report, path)
+
+
+@eqx.filter_jit
+def _solve_flow(flow, solver, controller, params, t1, ts, eps, max_steps, progress_meter, token):
     event = None if eps is None else diffrax.Event(_CostBelow(flow.problem, eps))
     return diffrax.diffeqsolve(
-        diffrax.ODETerm(flow),
+        diffrax.ODETerm(_GuardedField(flow)),
         solver,
         t0=jnp.zeros_like(t1),
         t1=t1,
         dt0=None,
         y0=params,
+        args=token,
         saveat=diffrax.SaveAt(ts=ts, t1=True),
         stepsize_controller=controller,
         event=event,
@@ -120,24 +179,46 @@ def integrate(
     - `progress`: show diffrax's tqdm progress meter.
 
     **Returns:** a `Trajectory`. Saved times after an early stop are dropped; the final saved
-    point is always where integration ended.
+    point is always where integration ended. Its `rank` and `fallback` report, at the saved
+    times, whether the solve met a singular or near-singular Gram and took the SVD fallback.
+
+    **Failures:** bad arguments raise before anything is traced, naming the argument. If the
+    flow runs where the model (or its Jacobian) is NaN or inf, diffrax rejects those steps; when
+    it therefore cannot reach t1, `NonFiniteError` is raised and its `.result` holds the finite
+    path up to that point. Other early ends (`max_steps`, a stiff or too ill-conditioned field)
+    return the path with a `RuntimeWarning`; for κ(D) ≳ 1e12 in float64 use
+    `adapted_flow(problem, rtol=1e-10)` (or `damping`) as `flow`.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
     check_params(params)
     if eps is None and t1 is None:
         raise ValueError("integrate needs eps (to use the a priori stopping time) or t1")
-    if eps is not None and (not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps)):
+    if eps is not None and (not _is_real(eps) or not eps > 0 or not math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    if t1 is not None and (not t1 > 0 or not math.isfinite(t1)):
+    if t1 is not None and (not _is_real(t1) or not t1 > 0 or not math.isfinite(t1)):
         raise ValueError(f"t1 must be a positive finite time, got {t1!r}")
-    if not isinstance(max_steps, int) or max_steps < 1:
+    if not _is_positive_int(max_steps):
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    if ts is None and not _is_positive_int(num_saves):
+        raise ValueError(f"num_saves must be a positive integer, got {num_saves!r}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is not None and (not _is_real(tol) or not tol > 0 or not math.isfinite(tol)):
+            raise ValueError(f"{name} must be a positive finite tolerance, got {tol!r}")
     flow = adapted_flow(problem) if flow is None else flow
     if not callable(flow):
         raise TypeError(f"flow must be a vector field flow(t, params, args), got {type(flow).__name__}")
     if not hasattr(flow, "problem"):
         flow = _WrappedField(problem, flow)
+    elif isinstance(flow.problem, Problem) and flow.problem is not problem and (
+        (flow.problem.num_samples, flow.problem.output_dim)
+        != (problem.num_samples, problem.output_dim)
+    ):
+        raise ValueError(
+            f"flow was built for a problem with N={flow.problem.num_samples}, "
+            f"Q={flow.problem.output_dim}, but problem has N={problem.num_samples}, "
+            f"Q={problem.output_dim}: build the flow from the problem you integrate"
+        )
 
     dtype = ravel_pytree(params)[0].dtype
     double = dtype == jnp.float64
@@ -148,7 +229,8 @@ def integrate(
 
     cost0 = float(problem.cost(params))
     if not math.isfinite(cost0):
-        raise ValueError("the initial cost is not finite: check params and the model")
+        raise ValueError("params give a non-finite initial cost: the model returns NaN or inf "
+                         "at the initial params")
     t_eps = stopping_time(cost0, eps, problem.num_samples) if eps is not None else None
     end = t1 if t1 is not None else t_eps
     if end == 0.0:  # already at or below eps
@@ -156,7 +238,7 @@ def integrate(
         return Trajectory(jnp.zeros(1, dtype), stacked, jnp.asarray([cost0], dtype), t_eps, 0,
                           True, "successful")
     if ts is None:
-        ts = jnp.linspace(0.0, end, num_saves, dtype=dtype)
+        ts = jnp.linspace(0.0, end, int(num_saves), dtype=dtype)
     else:
         ts = jnp.asarray(ts, dtype)
         if ts.ndim != 1 or ts.size == 0:
@@ -164,17 +246,25 @@ def integrate(
         if bool(jnp.any(ts < 0)) or bool(jnp.any(ts > end)) or bool(jnp.any(jnp.diff(ts) < 0)):
             raise ValueError(f"ts must be sorted times inside [0, {end}]")
 
-    solution = _solve_flow(
-        flow,
-        diffrax.Tsit5() if solver is None else solver,
-        diffrax.PIDController(rtol=rtol, atol=atol),
-        params,
-        jnp.asarray(end, dtype),
-        ts,
-        None if eps is None else jnp.asarray(eps, dtype),
-        max_steps,
-        diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
-    )
+    token = next(_TOKENS)
+    try:
+        solution = _solve_flow(
+            flow,
+            diffrax.Tsit5() if solver is None else solver,
+            diffrax.PIDController(rtol=rtol, atol=atol),
+            params,
+            jnp.asarray(end, dtype),
+            ts,
+            None if eps is None else jnp.asarray(eps, dtype),
+            int(max_steps),
+            diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
+            jnp.asarray(token % 2**31, jnp.int32),
+        )
+        jax.block_until_ready(solution.ts)
+        jax.effects_barrier()
+    finally:
+        with _NONFINITE_LOCK:
+            nonfinite = _NONFINITE.pop(token % 2**31, None)
     saved_ts = np.asarray(solution.ts)
     keep = np.isfinite(saved_ts)
     t_end = saved_ts[-1]
@@ -189,18 +279,44 @@ def integrate(
     finished = (solution.result == diffrax.RESULTS.successful) | (
         solution.result == diffrax.RESULTS.event_occurred
     )
-    result = "successful"
-    if not bool(finished):
-        result = diffrax.RESULTS[solution.result]
-        warnings.warn(f"integrate stopped at t={t_end:.6g} before t1={end:.6g}: {result}",
-                      RuntimeWarning, stacklevel=2)
-    if not bool(jnp.all(jnp.isfinite(costs))):
-        raise FloatingPointError(
-            "the flow produced non-finite costs: the model or the solve broke down along the path"
-        )
+    rank = fallback = None
+    if isinstance(getattr(flow, "solver", None), str):
+        rank, fallback = _solve_reports(flow, path)
+    result = "successful" if bool(finished) else diffrax.RESULTS[solution.result]
     reached = None if eps is None else bool(costs[-1] <= eps)
-    return Trajectory(jnp.asarray(saved_ts[index]), path, costs, t_eps,
-                      int(solution.stats["num_steps"]), reached, result)
+    trajectory = Trajectory(jnp.asarray(saved_ts[index]), path, costs, t_eps,
+                            int(solution.stats["num_steps"]), reached, result, rank, fallback)
+    if not bool(jnp.all(jnp.isfinite(costs))):
+        raise NonFiniteError(
+            "integrate: the flow produced non-finite costs: the model or the solve broke down "
+            "along the path; error.result holds the trajectory", trajectory)
+    if not bool(finished):
+        t_stop = float(np.max(saved_ts[np.isfinite(saved_ts)]))
+        if nonfinite is not None:
+            count, first = nonfinite
+            raise NonFiniteError(
+                f"integrate: the flow's velocity was NaN or inf at {count} evaluation(s), first "
+                f"at t={first:.6g}, and the solver could not get past t={t_stop:.6g} (of "
+                f"t1={end:.6g}): the model's outputs or Jacobian are not finite there. "
+                "error.result holds the trajectory up to that point", trajectory)
+        rejected = int(solution.stats["num_rejected_steps"])
+        hint = ""
+        if rejected > int(solution.stats["num_accepted_steps"]) // 4:
+            hint = (f" ({rejected} rejected steps: the vector field is too stiff or too "
+                    "ill-conditioned for rtol/atol; try adapted_flow(problem, damping=...) or "
+                    "adapted_flow(problem, rtol=...) to cut off tiny singular values, or looser "
+                    "tolerances)")
+        warnings.warn(f"integrate stopped at t={t_stop:.6g} before t1={end:.6g}: {result}{hint}",
+                      RuntimeWarning, stacklevel=2)
+    return trajectory
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 class _WrappedField(eqx.Module):

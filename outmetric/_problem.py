@@ -20,7 +20,9 @@ from ._loss import get_loss, one_hot_labels
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    """True for a value the host can inspect: not a tracer, and (for a `jax.Array` sharded over
+    several processes, as after `jax.distributed.initialize`) fully addressable from this one."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
 def _check_finite(name: str, tree) -> None:
@@ -29,6 +31,19 @@ def _check_finite(name: str, tree) -> None:
         if _is_concrete(leaf) and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
             if not bool(np.all(np.isfinite(np.asarray(leaf)))):
                 raise ValueError(f"{name} contains NaN or inf values")
+
+
+def _is_numeric(x) -> bool:
+    """Whether `x` converts to a JAX array of booleans or numbers (not strings or objects)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(x).dtype
+    return np.dtype(dtype).kind in "biufc" or jnp.issubdtype(dtype, jnp.floating)
+
+
+def _describe(x) -> str:
+    dtype = getattr(x, "dtype", None)
+    return f"{type(x).__name__} of dtype {dtype}" if dtype is not None else type(x).__name__
 
 
 def check_params(params: PyTree) -> None:
@@ -105,6 +120,8 @@ class Problem(eqx.Module):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
         if not isinstance(batched, bool):
             raise TypeError(f"batched must be True or False, got {batched!r}")
+        if targets is None or not _is_numeric(targets):
+            raise TypeError(f"targets must be a numeric array, got {_describe(targets)}")
         targets = jnp.asarray(targets)
         if targets.ndim == 0:
             raise ValueError("targets must have a leading sample axis, got a scalar")
@@ -116,6 +133,8 @@ class Problem(eqx.Module):
             if not leaves:
                 raise ValueError("inputs is empty: a problem needs at least one sample")
             for leaf in leaves:
+                if not _is_numeric(leaf):
+                    raise TypeError(f"inputs must hold numeric arrays, got {_describe(leaf)}")
                 shape = jnp.shape(leaf)
                 if len(shape) == 0 or shape[0] != num_samples:
                     raise ValueError(
@@ -254,14 +273,20 @@ class Problem(eqx.Module):
 
     # ------------------------------------------------------------------ derivatives
 
-    def linearize(self, params: PyTree) -> tuple[Float[Array, "N Q"], Float[Array, "NQ K"]]:
+    def linearize(self, params: PyTree, *, chunk_size: int | None = None
+                  ) -> tuple[Float[Array, "N Q"], Float[Array, "NQ K"]]:
         """Outputs x(θ) and the output Jacobian D(θ) together, in one pass.
 
         D has shape ``(N*Q, K)``: row ``j*Q + q`` is ∂x_{j,q}/∂θ, columns in `ravel_pytree`
         order. For per-sample models it is computed **per sample** (vmap of a per-sample
         Jacobian: Q reverse passes, or K forward passes when K < Q, for each sample), never by
         differentiating the stacked batch function, which costs N times more (DESIGN §4).
+
+        `chunk_size` (a positive int) computes the per-sample Jacobians `chunk_size` samples at a
+        time (`map_sample_chunks`), so the autodiff intermediates of only one chunk are alive;
+        D itself is still returned whole. Ignored by `from_residual` problems.
         """
+        check_chunk_size(chunk_size)
         check_params(params)
         flat, unravel = ravel_pytree(params)
         num_params = flat.shape[0]
@@ -275,14 +300,22 @@ class Problem(eqx.Module):
             jac, x = jac_fn(stacked, has_aux=True)(flat)
             return x, jac.reshape(self.num_samples, num_params)
 
-        def sample(f, u):
+        def rows(u):
+            return jax.vmap(lambda v: self._sample_jacobian(flat, unravel, v))(u)
+
+        jac, x = map_sample_chunks(rows, self.inputs, self.num_samples, chunk_size)
+        return x, jac.reshape(self.num_samples * self.output_dim, num_params)
+
+    def _sample_jacobian(self, flat: Array, unravel: Callable, u: PyTree
+                         ) -> tuple[Float[Array, "Q K"], Float[Array, " Q"]]:
+        """(∂x_j/∂θ of shape (Q, K), x_j) for one sample u = u_j, at flat parameters `flat`."""
+
+        def sample(f):
             x = self._sample_output(unravel(f), u)
             return x, x
 
-        jac_fn = jax.jacfwd if num_params < self.output_dim else jax.jacrev
-        per_sample = jac_fn(sample, has_aux=True)
-        jac, x = jax.vmap(per_sample, in_axes=(None, 0))(flat, self.inputs)
-        return x, jac.reshape(self.num_samples * self.output_dim, num_params)
+        jac_fn = jax.jacfwd if flat.shape[0] < self.output_dim else jax.jacrev
+        return jac_fn(sample, has_aux=True)(flat)
 
     def jacobian(self, params: PyTree) -> Float[Array, "NQ K"]:
         """The output Jacobian D(θ), shape ``(N*Q, K)``; see `linearize`."""
@@ -296,6 +329,69 @@ class Problem(eqx.Module):
         """D(θ)ᵀ·w for output cotangents w of shape ``(N, Q)``; one reverse pass."""
         _, pullback = jax.vjp(self.outputs, params)
         return pullback(cotangent)[0]
+
+
+def check_chunk_size(chunk_size) -> None:
+    """``chunk_size`` must be None or a positive int; otherwise a ``ValueError`` naming it."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+
+
+def sample_chunks(inputs: PyTree[Array], num_samples: int, chunk_size: int
+                  ) -> tuple[PyTree[Array], int, int]:
+    r"""Lay the samples out as `num_chunks` strided chunks of `size` samples each.
+
+    Returns ``(chunked, num_chunks, size)`` where every leaf of `chunked` has shape
+    ``(size, num_chunks, ...)`` and holds sample $s = t\cdot\mathrm{num\_chunks} + k$ at
+    ``[t, k]``: chunk k is ``chunked[:, k]``. The samples are padded (with copies of sample 0)
+    to ``size * num_chunks >= N``, with ``num_chunks = ceil(N / chunk_size)`` and ``size =
+    ceil(N / num_chunks) <= chunk_size``. Strided rather than contiguous chunks keep each chunk
+    spread evenly over the devices when the sample axis is sharded.
+    """
+    num_chunks = -(-num_samples // chunk_size)
+    size = -(-num_samples // num_chunks)
+    pad = size * num_chunks - num_samples
+
+    def layout(a):
+        if pad:
+            a = jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)], axis=0)
+        return a.reshape((size, num_chunks) + a.shape[1:])
+
+    return jax.tree_util.tree_map(layout, inputs), num_chunks, size
+
+
+def map_sample_chunks(fn: Callable[[PyTree], PyTree], inputs: PyTree[Array], num_samples: int,
+                      chunk_size: int | None) -> PyTree[Array]:
+    """``fn(inputs)`` for a per-sample-vectorised `fn`, evaluated `chunk_size` samples at a time.
+
+    `fn` maps a batch of n samples to a pytree of arrays with leading axis n. With `chunk_size`
+    None (or ≥ N) this is one call; otherwise a `lax.fori_loop` over the strided chunks of
+    `sample_chunks` writes each chunk's result into place, so the intermediates of one chunk at a
+    time are alive, and the result is in sample order as if `fn` had seen all samples at once.
+    """
+    check_chunk_size(chunk_size)
+    if chunk_size is None or chunk_size >= num_samples:
+        return fn(inputs)
+    chunked, num_chunks, size = sample_chunks(inputs, num_samples, chunk_size)
+
+    def chunk(k):
+        return jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False), chunked)
+
+    shapes = jax.eval_shape(lambda: fn(chunk(0)))
+    init = jax.tree_util.tree_map(
+        lambda s: jnp.zeros((size, num_chunks) + s.shape[1:], s.dtype), shapes)
+
+    def body(k, acc):
+        out = fn(chunk(k))
+        return jax.tree_util.tree_map(
+            lambda a, o: jax.lax.dynamic_update_index_in_dim(a, o, k, axis=1), acc, out)
+
+    acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    return jax.tree_util.tree_map(
+        lambda a: a.reshape((size * num_chunks,) + a.shape[2:])[:num_samples], acc)
 
 
 def num_parameters(params: PyTree) -> int:

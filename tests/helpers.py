@@ -147,3 +147,84 @@ def linear_model_problem(seed=0, n=20, d_in=4, q=1):
 
     params = {"w": jnp.zeros((2 * d_in + 1, q))}
     return om.Problem(apply, inputs, targets), params, jax.vmap(features)(inputs)
+
+
+def one_hidden_tanh(p, u):
+    """x = tanh(u W1 + b1) W2 + b2: params {'w1': (d, m), 'b1': (m,), 'w2': (m, 1), 'b2': (1,)}."""
+    return jnp.tanh(u @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def teacher_problem(noise, seed=4, n=24, d_in=2, width=3):
+    """(problem, teacher) for `one_hidden_tanh` fitting its own teacher's outputs plus noise.
+
+    Underparametrised (K = width·(d_in + 2) + 1 = 13 < N = 24 by default). Seed 4 is chosen for a
+    well-conditioned Jacobian at the teacher (σ_min/σ_max ≈ 8e-3), so that Hessian nullities
+    are unambiguous in float64.
+    """
+    import outmetric as om
+
+    k0, k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 5)
+    inputs = jax.random.normal(k0, (n, d_in))
+    teacher = {"w1": jax.random.normal(k1, (d_in, width)),
+               "b1": 0.5 * jax.random.normal(k2, (width,)),
+               "w2": jax.random.normal(k3, (width, 1)), "b2": jnp.zeros(1)}
+    clean = jax.vmap(one_hidden_tanh, (None, 0))(teacher, inputs)
+    targets = clean + noise * jax.random.normal(k4, (n, 1))
+    return om.Problem(one_hidden_tanh, inputs, targets), teacher
+
+
+def split_units(params, units, ratios):
+    """Embed a `one_hidden_tanh` network into a wider one by splitting hidden units.
+
+    Each unit i in `units` gets a copy with the same incoming weights and bias; its outgoing
+    weight a_i is shared as λ·a_i (original) and (1 − λ)·a_i (copy), λ from `ratios`. The
+    function computed is unchanged, so a critical point of the narrow network maps to a
+    critical point of the wide one (Fukumizu & Amari 2000).
+    """
+    units = jnp.asarray(units)
+    ratios = jnp.asarray(ratios)
+    a = params["w2"][:, 0]
+    return {
+        "w1": jnp.concatenate([params["w1"], params["w1"][:, units]], axis=1),
+        "b1": jnp.concatenate([params["b1"], params["b1"][units]]),
+        "w2": jnp.concatenate([a.at[units].multiply(ratios), (1 - ratios) * a[units]])[:, None],
+        "b2": params["b2"],
+    }
+
+
+def levenberg_marquardt(problem, params, steps=100, newton_steps=3):
+    """A dense float64 minimiser for small test problems: Levenberg–Marquardt on the L² cost,
+    then (underparametrised only) a few Newton steps on ∇C = 0 to reach a critical point to
+    round-off."""
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(params)
+
+    def cost(f):
+        return problem.cost(unravel(f))
+
+    @jax.jit
+    def lm_step(f, mu):
+        x, jac = problem.linearize(unravel(f))
+        residual = (x - problem.targets).reshape(-1)
+        if jac.shape[0] <= jac.shape[1]:
+            step = jac.T @ jnp.linalg.solve(jac @ jac.T + mu * jnp.eye(jac.shape[0]), residual)
+        else:
+            step = jnp.linalg.solve(jac.T @ jac + mu * jnp.eye(jac.shape[1]), jac.T @ residual)
+        better = cost(f - step) < cost(f)
+        return jnp.where(better, f - step, f), jnp.where(better, mu / 3, mu * 3), cost(f - step)
+
+    @jax.jit
+    def newton_step(f):
+        return f - jnp.linalg.solve(jax.hessian(cost)(f), jax.grad(cost)(f))
+
+    mu = jnp.asarray(1e-3)
+    for _ in range(steps):
+        flat, mu, value = lm_step(flat, mu)
+        if value < 1e-28:
+            break
+    num_rows = problem.num_samples * problem.output_dim
+    if num_rows > flat.shape[0]:  # Newton only where the Hessian can be non-singular
+        for _ in range(newton_steps):
+            flat = newton_step(flat)
+    return unravel(flat)
