@@ -14,7 +14,14 @@ Methods (the `solver` argument):
 
 - `"cholesky"`: Cholesky of the (damped) Gram matrix. Fast; the hot path of the optimizer.
   Its pivots give a rank estimate; a non-finite or numerically zero pivot (rank loss with too
-  little damping) switches to `"svd"`, and the result says so (`fallback=True`).
+  little damping) switches to `"svd"`, and the result says so (`fallback=True`). The Gram may
+  come from a dense D, from chunks of D never held together (`chunk_size`), or, on the wide
+  side, from the model's dense-layer structure (`gram="structured"`; `outmetric._gram`). Without
+  a dense D, δ = Dᵀz is one VJP, and the rank-revealing fallback is the eigendecomposition of
+  the Gram, $\delta = D^\top U\,\mathrm{diag}(1/(\mu_i + \lambda))\,U^\top g$ over eigenvalues
+  $\mu_i > \max(\mathrm{rtol}^2, n\epsilon)\,\mu_{\max}$ (wide side; the tall side is analogous): it
+  resolves singular values down to about $\sqrt{n\epsilon}\,\sigma_{\max}$ rather than
+  rtol·σ_max, the price of never forming D.
 - `"qr"`: QR of $D^\top$ (or $D$), on the matrix augmented by $\sqrt\lambda I$ when damped.
   Accurate to $\kappa(D)\,\epsilon$ rather than $\kappa(D)^2\epsilon$; the default of the
   undamped flows. A zero diagonal of R (rank loss) switches to `"svd"`.
@@ -22,29 +29,75 @@ Methods (the `solver` argument):
   $\delta = V\,\mathrm{diag}(\sigma/(\sigma^2 + \lambda))\,U^\top g$. Expensive; never the default.
 - `"cg"`: matrix-free conjugate gradients (lineax) on the damped Gram operator of the smaller
   side; each product is one JVP plus one VJP and D is never formed. Memory O(K + M).
-- `"auto"`: `"cg"` when D would not fit the dense budget, else `"qr"` for an undamped solve
-  (damping given as the Python number 0) and `"cholesky"` otherwise.
+  Optional preconditioners (`preconditioner=`): `"jacobi"`, the inverse of the damped Gram
+  diagonal (one chunked pass of per-sample Jacobians), and `"nystrom"`, the randomized Nyström
+  preconditioner of rank ℓ (Frangella, Tropp & Udell 2023) built from ℓ Gram products,
+  $P^{-1} = (\hat\mu_\ell + \lambda)\,U(\hat M + \lambda I)^{-1}U^\top + (I - UU^\top)$, which pays
+  when the spectrum decays fast, as NTK spectra do.
+- `"lsmr"`: matrix-free LSMR (lineax) on D itself, on $[D;\sqrt\lambda I]$ with right-hand
+  side $[g; 0]$ when damped: the minimum-norm least-squares solution, so $D^+g$ even under
+  rank loss, with κ(D) rather than κ(D)² governing convergence. One JVP and one VJP per
+  iteration; memory O(K + M).
+- `"auto"`: see `plan_solve`. From M, K, the dtype and the free memory (`memory_budget`):
+  while D fits, `"qr"` for an undamped solve (damping given as the Python number 0) and
+  `"cholesky"` otherwise (with the structured Gram when the model has dense layers and the
+  wide side is solved); when only the Gram fits, `"cholesky"` on a structured or chunked Gram;
+  else matrix-free, `"lsmr"` undamped and `"cg"` damped. The pick is logged (logger
+  ``"outmetric"``, level INFO) and reported in the optimizer state.
 
 Dense factorizations call LAPACK through `jax.numpy.linalg` rather than lineax's dense solvers
-because the rank estimate and fallback need the factors themselves; the matrix-free path is
-lineax's `CG`.
+because the rank estimate and fallback need the factors themselves; the matrix-free paths are
+lineax's `CG` and `LSMR`.
+
+Several devices: every piece is a per-sample map (Jacobian rows, activations and signals of
+the structured Gram, JVPs) or a reduction over samples (Gram tiles, VJPs), so with inputs and
+targets sharded along the sample axis (`outmetric.shard_samples`) a jitted step runs where the
+data lives under GSPMD and gives the single-device result up to the order of summation.
 """
 
+import logging
+import os
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import lineax as lx
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._problem import Problem
+from ._gram import (
+    GRAM_METHODS,
+    gram_diagonal,
+    jacobian_gram,
+    structured_flops,
+    structured_gram,
+)
+from ._problem import Problem, check_chunk_size
 
-SOLVERS = ("auto", "cholesky", "qr", "svd", "cg")
+SOLVERS = ("auto", "cholesky", "qr", "svd", "cg", "lsmr")
 
-#: Largest dense Jacobian (in bytes) that "auto" will materialise before going matrix-free.
-DENSE_BUDGET_BYTES = 2 * 1024**3
+#: The matrix-free methods: D is never formed.
+MATRIX_FREE = ("cg", "lsmr")
+
+#: Preconditioners of the "cg" method.
+PRECONDITIONERS = (None, "jacobi", "nystrom")
+
+#: A fixed memory budget in bytes for "auto"; None measures the free memory (`memory_budget`).
+DENSE_BUDGET_BYTES: int | None = None
+
+#: The fraction of the free device (or host) memory that "auto" plans to fill.
+MEMORY_FRACTION = 0.5
+
+#: "auto" chunks the Gram only while it takes at most this many chunks (else matrix-free).
+MAX_AUTO_CHUNKS = 16
+
+#: `gram="auto"` uses the structured Gram when D fits only if multiplying out DDᵀ would take at
+#: least this many multiply-adds (M²K) and the structured products at most half as many.
+STRUCTURED_MIN_FLOPS = 10**8
+
+logger = logging.getLogger("outmetric")
 
 
 class SolveResult(NamedTuple):
@@ -54,20 +107,25 @@ class SolveResult(NamedTuple):
     - `rank`: estimated rank of D (from the factorization; -1 for matrix-free solves).
     - `fallback`: whether the rank-revealing SVD fallback was taken.
     - `converged`: False only when an iterative solve stopped before its tolerance.
+    - `num_steps`: iterations of a matrix-free solve (0 for the direct methods).
     """
 
     delta: Float[Array, " K"]
     rank: Int[Array, ""]
     fallback: Bool[Array, ""]
     converged: Bool[Array, ""]
+    num_steps: Int[Array, ""] = np.asarray(0, np.int32)
 
 
 class Linearization(NamedTuple):
     """D at one point, dense (`jacobian`) or matrix-free (`jvp`, `vjp`), plus the outputs there.
 
     `gram` caches the Gram matrix of the smaller side (DDᵀ if M ≤ K, else DᵀD) for the Cholesky
-    method, so repeated solves with different damping (Levenberg–Marquardt) form it once.
-    Built by `linearize` inside a traced function; not meant to cross a `jit` boundary.
+    method, so repeated solves with different damping (Levenberg–Marquardt) form it once; it
+    may be present without `jacobian` (chunked or structured Gram), products with D then going
+    through `jvp`/`vjp`. `diagonal`, when set, computes the diagonal of that Gram on demand (the
+    Jacobi preconditioner). Built by `linearize` inside a traced function; not meant to cross
+    a `jit` boundary.
     """
 
     outputs: Float[Array, "N Q"]
@@ -77,6 +135,7 @@ class Linearization(NamedTuple):
     jvp: Callable[[Array], Array] | None
     vjp: Callable[[Array], Array] | None
     gram: Float[Array, "n n"] | None = None
+    diagonal: Callable[[], Array] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,30 +155,223 @@ def is_static_zero(damping) -> bool:
     return isinstance(damping, (int, float)) and damping == 0
 
 
-def resolve_solver(solver: str, damping, num_rows: int, num_params: int, dtype) -> str:
-    """The concrete method that `solver` stands for at this size; validates the name."""
-    if solver not in SOLVERS:
+def _check_solver_name(solver) -> None:
+    if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not a known solver; choose one of {list(SOLVERS)}")
+
+
+def _host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages, else 4 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 1024**3
+
+
+def memory_budget(device=None) -> int:
+    """The bytes that `solver="auto"` plans to fill on `device` (default: the first local device).
+
+    `DENSE_BUDGET_BYTES` when set; else `MEMORY_FRACTION` of the free memory: on an accelerator
+    ``bytes_limit - bytes_in_use`` from ``device.memory_stats()``, on CPU the host's available
+    memory. The budget is read when a step is traced, so a compiled step keeps its plan.
+    """
+    if DENSE_BUDGET_BYTES is not None:
+        return int(DENSE_BUDGET_BYTES)
+    device = jax.local_devices()[0] if device is None else device
+    free = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        stats = None
+    if stats and "bytes_limit" in stats:
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if free is None:
+        free = _host_available_bytes()
+    return int(MEMORY_FRACTION * free)
+
+
+class SolvePlan(NamedTuple):
+    """How a step will be computed; what `plan_solve` returns.
+
+    - `method`: the concrete method, one of `SOLVERS` other than "auto".
+    - `chunk_size`: samples per chunk of the per-sample Jacobian (None: all at once).
+    - `gram`: for "cholesky", where the Gram comes from: "structured" (dense-layer structure,
+      no D) or "jacobian" (D, or its chunks).
+    - `reason`: one line saying why, with the sizes.
+    """
+
+    method: str
+    chunk_size: int | None
+    gram: str
+    reason: str
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _auto_plan(damping, num_rows, num_params, itemsize, budget, *, structured, num_samples,
+               output_dim, chunkable, chunk_size, structured_pays=None) -> SolvePlan:
+    """The "auto" decision from sizes and memory (see `plan_solve`)."""
+    small = min(num_rows, num_params)
+    wide = num_rows <= num_params
+    dense = num_rows * num_params * itemsize
+    gram = small * small * itemsize
+    sizes = f"M={num_rows}, K={num_params}, budget {_bytes(budget)}"
+    undamped = is_static_zero(damping)
+    structured_pays = structured if structured_pays is None else structured_pays
+    # QR and the SVD fallback each hold about one more copy of D; Cholesky holds the Gram, its
+    # factor and the fallback's eigenvectors.
+    if undamped and 3 * dense <= budget:
+        return SolvePlan("qr", chunk_size, "jacobian", f"D fits ({_bytes(dense)}); {sizes}")
+    if not undamped and structured_pays and wide and 3 * gram <= budget:
+        return SolvePlan("cholesky", chunk_size, "structured",
+                         f"dense layers found; structured Gram ({_bytes(gram)}); {sizes}")
+    if not undamped and 2 * dense + 3 * gram <= budget:
+        return SolvePlan("cholesky", chunk_size, "jacobian",
+                         f"D and its Gram fit ({_bytes(dense + gram)}); {sizes}")
+    if structured and wide and 3 * gram <= budget:
+        return SolvePlan("cholesky", chunk_size, "structured",
+                         f"D does not fit, the structured Gram does; {sizes}")
+    if chunkable and 3 * gram <= budget:
+        rows_per_sample = output_dim * num_params * itemsize * (2 if wide else 1)
+        fit = int((budget - 3 * gram) // max(rows_per_sample, 1))
+        size = chunk_size if chunk_size is not None else max(1, min(fit, num_samples))
+        if -(-num_samples // size) <= MAX_AUTO_CHUNKS and size <= max(fit, 1):
+            return SolvePlan("cholesky", size, "jacobian",
+                             f"D does not fit, its Gram does: chunks of {size} samples; {sizes}")
+    method = "lsmr" if undamped else "cg"
+    return SolvePlan(method, chunk_size, "jacobian", f"neither D nor its Gram fits; {sizes}")
+
+
+def resolve_solver(solver: str, damping, num_rows: int, num_params: int, dtype, *,
+                   budget: int | None = None) -> str:
+    """The concrete method that `solver` stands for at this size; validates the name.
+
+    "auto" follows `plan_solve` for a model of unknown structure that is not chunked.
+    """
+    _check_solver_name(solver)
     if solver != "auto":
         return solver
-    if num_rows * num_params * jnp.dtype(dtype).itemsize > DENSE_BUDGET_BYTES:
-        return "cg"
-    return "qr" if is_static_zero(damping) else "cholesky"
+    budget = memory_budget() if budget is None else budget
+    return _auto_plan(damping, num_rows, num_params, jnp.dtype(dtype).itemsize, budget,
+                      structured=False, num_samples=num_rows, output_dim=1, chunkable=False,
+                      chunk_size=None).method
 
 
-def linearize(problem: Problem, params: PyTree, *, method: str = "qr") -> Linearization:
+def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
+               damping: float | Float[Array, ""] = 0.0, chunk_size: int | None = None,
+               gram: str = "auto", memory_budget: int | None = None) -> SolvePlan:
+    r"""Decide how to compute $D^+g$ (damped: $D^\top(DD^\top+\lambda I)^{-1}g$) for `problem` at `params`.
+
+    With $M = QN$ rows, K parameters, $n = \min(M, K)$, b bytes per number and a budget B
+    (`memory_budget`, default `MEMORY_FRACTION` of the free memory), `solver="auto"` picks, in
+    order:
+
+    1. undamped (`damping` the Python number 0) and $3MKb \le B$: `"qr"` on the dense D;
+    2. damped, the wide side ($M \le K$), dense layers found (`gram_structure`) that make the
+       structured Gram pay (`STRUCTURED_MIN_FLOPS`) and $3M^2b \le B$: `"cholesky"` on the
+       structured Gram (D never formed);
+    3. damped and $2MKb + 3n^2b \le B$: `"cholesky"` on $DD^\top$ or $D^\top D$ from a dense D;
+    4. the structured Gram fits ($3M^2b \le B$, wide side): `"cholesky"` on it, damped or not;
+    5. only the Gram fits: `"cholesky"` on a chunked Gram, with the largest `chunk_size`
+       whose Jacobian chunks fit beside it, if that takes at most `MAX_AUTO_CHUNKS` chunks;
+    6. otherwise matrix-free: `"lsmr"` undamped, `"cg"` damped.
+
+    An explicit `solver` is kept; then `gram="auto"` means structured for `"cholesky"` on the
+    wide side when dense layers are found and it pays: multiplying out $DD^\top$ would take at
+    least `STRUCTURED_MIN_FLOPS` multiply-adds and the structured products at most half as
+    many (for tiny problems the dense D is faster). The choice for "auto" is logged at INFO
+    level on the ``"outmetric"`` logger.
+
+    **Arguments:**
+
+    - `problem`, `params`: the problem and the point.
+    - `solver`: one of `SOLVERS`.
+    - `damping`: λ; only whether it is the static number 0 matters here.
+    - `chunk_size`: a positive int to compute per-sample Jacobians (and the Gram) in chunks of
+      that many samples, or None.
+    - `gram`: `"auto"`, `"structured"` or `"jacobian"` (see `outmetric.gram_matrix`).
+    - `memory_budget`: bytes; default `memory_budget()`.
+    """
+    _check_solver_name(solver)
+    check_chunk_size(chunk_size)
+    if gram not in GRAM_METHODS:
+        raise ValueError(f"gram={gram!r} is not a Gram method; choose one of {list(GRAM_METHODS)}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or
+                                      not isinstance(memory_budget, (int, np.integer))
+                                      or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    flat, _ = ravel_pytree(params)
+    num_rows = problem.num_samples * problem.output_dim
+    num_params = flat.shape[0]
+    wide = num_rows <= num_params
+    per_sample = problem.residual_fn is None
+
+    # Whether the structured Gram applies (dense layers found) and pays (module docstring);
+    # the model's jaxpr is read once, and only where the answer matters.
+    has_layers = pays = gram == "structured" and wide and per_sample
+    if gram == "auto" and wide and per_sample and solver in ("auto", "cholesky"):
+        flops = structured_flops(problem, params)
+        dense = num_rows * num_rows * num_params
+        has_layers = flops is not None
+        pays = has_layers and dense >= STRUCTURED_MIN_FLOPS and 2 * flops <= dense
+    if solver != "auto":
+        kind = "structured" if solver == "cholesky" and pays else "jacobian"
+        return SolvePlan(solver, chunk_size, kind, "chosen by the caller")
+    budget = _get_budget(memory_budget)
+    plan = _auto_plan(damping, num_rows, num_params, flat.dtype.itemsize, budget,
+                      structured=has_layers, structured_pays=pays,
+                      num_samples=problem.num_samples, output_dim=problem.output_dim,
+                      chunkable=per_sample, chunk_size=chunk_size)
+    logger.info("solver='auto' picked %r (gram=%s, chunk_size=%s): %s", plan.method, plan.gram,
+                plan.chunk_size, plan.reason)
+    return plan
+
+
+def _get_budget(budget):
+    return memory_budget() if budget is None else int(budget)
+
+
+def linearize(problem: Problem, params: PyTree, *, method: str = "qr",
+              chunk_size: int | None = None, gram: str = "jacobian") -> Linearization:
     """Linearize `problem` at `params` for a resolved `method`.
 
-    Dense methods get the Jacobian (and, for `"cholesky"`, the Gram matrix of the smaller side);
-    `"cg"` gets JVP/VJP closures and never forms D.
+    Dense methods get the Jacobian, computed `chunk_size` samples at a time when given. For
+    `"cholesky"` the Gram matrix of the smaller side is cached, and D is not kept when it need
+    not be: with `gram="structured"` on the wide side (`outmetric.structured_gram`) or with
+    `chunk_size` (`outmetric._gram.jacobian_gram`), the Linearization holds the Gram and JVP/VJP
+    closures only. `"cg"` and `"lsmr"` get JVP/VJP closures and never form D; their
+    `diagonal` computes the Gram diagonal in chunks on demand (the Jacobi preconditioner).
     """
+    _check_solver_name(method)
+    if method == "auto":
+        raise ValueError("linearize needs a concrete method; resolve 'auto' with plan_solve")
+    check_chunk_size(chunk_size)
+    if gram not in GRAM_METHODS:
+        raise ValueError(f"gram={gram!r} is not a Gram method; choose one of {list(GRAM_METHODS)}")
     flat, unravel = ravel_pytree(params)
-    if method != "cg":
-        x, jac = problem.linearize(params)
-        gram = None
+    num_rows = problem.num_samples * problem.output_dim
+    wide = num_rows <= flat.shape[0]
+    chunked = chunk_size is not None and chunk_size < problem.num_samples
+    structured = method == "cholesky" and wide and gram == "structured"
+    if method not in MATRIX_FREE and not structured and not (method == "cholesky" and chunked):
+        x, jac = problem.linearize(params, chunk_size=chunk_size)
+        gram_matrix = None
         if method == "cholesky":
-            gram = jac @ jac.T if jac.shape[0] <= jac.shape[1] else jac.T @ jac
-        return Linearization(x, flat, unravel, jac, None, None, gram)
+            gram_matrix = jac @ jac.T if wide else jac.T @ jac
+        diagonal = lambda: jnp.sum(jac**2, axis=1 if wide else 0)  # noqa: E731
+        return Linearization(x, flat, unravel, jac, None, None, gram_matrix, diagonal)
 
     def stacked(f):
         return problem.outputs(unravel(f)).reshape(-1)
@@ -127,7 +379,17 @@ def linearize(problem: Problem, params: PyTree, *, method: str = "qr") -> Linear
     out, jvp = jax.linearize(stacked, flat)
     transpose = jax.linear_transpose(jvp, flat)
     x = out.reshape(problem.num_samples, problem.output_dim)
-    return Linearization(x, flat, unravel, None, jvp, lambda w: transpose(w)[0])
+    vjp = lambda w: transpose(w)[0]  # noqa: E731
+    gram_matrix = None
+    if structured:
+        gram_matrix = structured_gram(problem, params, chunk_size=chunk_size)[1]
+    elif method == "cholesky":
+        gram_matrix = jacobian_gram(problem, params, wide=wide, chunk_size=chunk_size)
+    if gram_matrix is not None:
+        diagonal = lambda: jnp.diag(gram_matrix)  # noqa: E731
+    else:
+        diagonal = lambda: gram_diagonal(problem, params, wide=wide, chunk_size=chunk_size)  # noqa: E731
+    return Linearization(x, flat, unravel, None, jvp, vjp, gram_matrix, diagonal)
 
 
 def default_rtol(num_rows: int, num_params: int, dtype) -> float:
@@ -144,6 +406,8 @@ def solve(
     rtol: float | None = None,
     cg_tol: float | None = None,
     cg_max_steps: int | None = None,
+    preconditioner: "str | Preconditioner | None" = None,
+    preconditioner_rank: int | None = None,
 ) -> SolveResult:
     r"""Solve $\delta = D^+ g$ (or $D^\top(DD^\top+\lambda I)^{-1}g$ with `damping` λ > 0).
 
@@ -155,19 +419,38 @@ def solve(
     - `solver`: one of `SOLVERS`; see the module docstring.
     - `rtol`: relative singular-value cut-off for the rank estimate and the SVD pseudo-inverse;
       default max(M, K)·ε.
-    - `cg_tol`, `cg_max_steps`: relative tolerance and iteration cap of the CG solve; default
-      1e-10 in float64 and 1e-5 in float32, and no cap beyond lineax's 10·M.
+    - `cg_tol`, `cg_max_steps`: relative tolerance and iteration cap of the matrix-free solves
+      (`"cg"` and `"lsmr"`); default 1e-10 in float64 and 1e-5 in float32, and no cap beyond
+      lineax's 10·min(M, K).
+    - `preconditioner`: for `"cg"` only (ignored by the other methods): None, `"jacobi"`,
+      `"nystrom"` (module docstring), or a `Preconditioner` from `prepare_preconditioner`
+      (to reuse it across solves with the same `lin`).
+    - `preconditioner_rank`: ℓ of the Nyström preconditioner; default min(50, n).
+
+    With `solver="auto"` the method follows `lin`: `"qr"` (undamped) or `"cholesky"` for a dense
+    D, `"cholesky"` for a cached Gram without D, else `"lsmr"` (undamped) or `"cg"`.
 
     **Returns:** a `SolveResult`.
 
     Rank loss never yields NaN: the Cholesky and QR paths detect it and switch to the SVD
-    pseudo-inverse, which drops the null directions.
+    pseudo-inverse (or, without a dense D, the Gram's eigendecomposition), which drops the null
+    directions; LSMR returns the minimum-norm solution.
     """
+    _check_solver_name(solver)
+    if not isinstance(preconditioner, Preconditioner) and preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner={preconditioner!r} is not known; choose one of "
+                         f"{list(PRECONDITIONERS)}")
+    _check_rank(preconditioner_rank)
+    if isinstance(damping, (int, float)) and not 0 <= damping < float("inf"):
+        raise ValueError(f"damping must be >= 0 and finite, got {damping}")
     num_rows, num_params = lin.shape
     dtype = lin.flat_params.dtype
-    method = resolve_solver(solver, damping, num_rows, num_params, dtype)
-    if method != "cg" and lin.jacobian is None:
+    method = _method_for(lin, solver, damping)
+    if method in ("qr", "svd") and lin.jacobian is None:
         raise ValueError(f"solver={method!r} needs a dense Jacobian; linearize with a dense method")
+    if method == "cholesky" and lin.jacobian is None and lin.gram is None:
+        raise ValueError("solver='cholesky' needs a dense Jacobian or a Gram matrix; linearize "
+                         "with method='cholesky'")
     rtol = default_rtol(num_rows, num_params, dtype) if rtol is None else rtol
     rhs = rhs.reshape(-1).astype(dtype)
     lam = jnp.asarray(damping, dtype)
@@ -179,12 +462,52 @@ def solve(
         return _svd(lin.jacobian, rhs, lam, rtol, fallback=False)
     if cg_tol is None:
         cg_tol = 1e-10 if dtype == jnp.float64 else 1e-5
-    return _cg(lin, rhs, lam, cg_tol, cg_max_steps)
+    if method == "lsmr":
+        return _lsmr(lin, rhs, damping, cg_tol, cg_max_steps)
+    return _cg(lin, rhs, lam, cg_tol, cg_max_steps, preconditioner, preconditioner_rank)
+
+
+def _method_for(lin: Linearization, solver: str, damping) -> str:
+    if solver != "auto":
+        return solver
+    if lin.jacobian is not None:
+        return "qr" if is_static_zero(damping) else "cholesky"
+    if lin.gram is not None:
+        return "cholesky"
+    return "lsmr" if is_static_zero(damping) else "cg"
+
+
+def _check_rank(rank) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
+                             or rank < 1):
+        raise ValueError(f"preconditioner_rank must be a positive integer or None, got {rank!r}")
+
+
+def kept_singular_values(s: Float[Array, " r"], rtol: float) -> Bool[Array, " r"]:
+    """Which of the descending singular values `s` count towards the rank: σ_i > rtol·σ_1."""
+    return s > rtol * s[0]
+
+
+def singular_values(lin: Linearization) -> Float[Array, " r"]:
+    r"""The singular values $\sigma_1 \ge \dots \ge \sigma_{\min(M,K)} \ge 0$ of a dense D."""
+    if lin.jacobian is None:
+        raise ValueError("singular_values needs a dense Jacobian; linearize with a dense method")
+    return jnp.linalg.svd(lin.jacobian, compute_uv=False)
+
+
+def project_horizontal(lin: Linearization, v: Float[Array, " K"], *, solver: str = "auto",
+                       rtol: float | None = None) -> Float[Array, " K"]:
+    r"""$D^+D\,v$, the orthogonal projection of $v \in \mathbb{R}^K$ onto range $D^\top$ (= ker D⊥).
+
+    One `solve` with right-hand side $Dv$; rank loss is handled as there (directions whose
+    singular value falls below `rtol`·σ_max count as vertical).
+    """
+    return solve(lin, lin.matvec(v), solver=solver, rtol=rtol).delta
 
 
 def _svd(jac, rhs, lam, rtol, *, fallback: bool) -> SolveResult:
     u, s, vt = jnp.linalg.svd(jac, full_matrices=False)
-    keep = s > rtol * s[0]
+    keep = kept_singular_values(s, rtol)
     safe = jnp.where(keep, s, 1.0)
     filt = jnp.where(keep, safe / (safe**2 + lam), 0.0)
     delta = vt.T @ (filt * (u.T @ rhs))
@@ -194,7 +517,7 @@ def _svd(jac, rhs, lam, rtol, *, fallback: bool) -> SolveResult:
 
 def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
     jac = lin.jacobian
-    num_rows, num_params = jac.shape
+    num_rows, num_params = lin.shape
     wide = num_rows <= num_params
     if lin.gram is not None:
         gram = lin.gram
@@ -210,14 +533,40 @@ def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
     def factor_solve(_):
         if wide:
             z = jsl.cho_solve((chol, True), rhs)
-            delta = jac.T @ z
+            delta = lin.rmatvec(z)
         else:
-            delta = jsl.cho_solve((chol, True), jac.T @ rhs)
+            delta = jsl.cho_solve((chol, True), lin.rmatvec(rhs))
         rank = jnp.sum(pivots - lam > rtol * scale).astype(jnp.int32)
         return SolveResult(delta, rank, jnp.asarray(False), jnp.asarray(True))
 
-    return jax.lax.cond(healthy, factor_solve, lambda _: _svd(jac, rhs, lam, rtol, fallback=True),
-                        None)
+    if jac is not None:
+        fallback = lambda _: _svd(jac, rhs, lam, rtol, fallback=True)  # noqa: E731
+    else:
+        fallback = lambda _: _eigh(lin, gram, rhs, lam, rtol)  # noqa: E731
+    return jax.lax.cond(healthy, factor_solve, fallback, None)
+
+
+def _eigh(lin: Linearization, gram, rhs, lam, rtol) -> SolveResult:
+    r"""The rank-revealing fallback without a dense D, from the Gram's eigendecomposition.
+
+    Wide side, $DD^\top = U\,\mathrm{diag}(\mu)\,U^\top$: $\delta = D^\top U\,\mathrm{diag}(1/(\mu+\lambda))\,U^\top g$;
+    tall side, $D^\top D = V\mathrm{diag}(\mu)V^\top$: $\delta = V\mathrm{diag}(1/(\mu+\lambda))V^\top D^\top g$;
+    both equal the SVD formula with $\mu = \sigma^2$, over the eigenvalues above
+    $\max(\mathrm{rtol}^2, n\epsilon)\,\mu_{\max}$ (below that they are round-off of the Gram).
+    """
+    num_rows, num_params = lin.shape
+    wide = num_rows <= num_params
+    mu, vecs = jnp.linalg.eigh(gram)
+    cut = max(rtol**2, gram.shape[0] * float(jnp.finfo(gram.dtype).eps)) * mu[-1]
+    keep = mu > cut
+    filt = jnp.where(keep, 1.0 / jnp.where(keep, mu + lam, 1.0), 0.0)
+    if wide:
+        delta = lin.rmatvec(vecs @ (filt * (vecs.T @ rhs)))
+    else:
+        delta = vecs @ (filt * (vecs.T @ lin.rmatvec(rhs)))
+    finite = jnp.all(jnp.isfinite(delta))
+    return SolveResult(jnp.where(finite, delta, 0.0), jnp.sum(keep).astype(jnp.int32),
+                       jnp.asarray(True), finite)
 
 
 def _qr(jac, rhs, damping, rtol) -> SolveResult:
@@ -253,30 +602,143 @@ def _qr(jac, rhs, damping, rtol) -> SolveResult:
                         None)
 
 
-def _cg(lin: Linearization, rhs, lam, tol, max_steps) -> SolveResult:
+def _gram_operator(lin: Linearization, wide: bool):
+    """v ↦ DDᵀv (wide) or DᵀDv (tall), matrix-free or from the dense D."""
+    if wide:
+        return lambda z: lin.matvec(lin.rmatvec(z))
+    return lambda v: lin.rmatvec(lin.matvec(v))
+
+
+class Preconditioner(NamedTuple):
+    r"""A CG preconditioner of the damped Gram $A + \lambda I$, prepared once per linearization.
+
+    Built by `prepare_preconditioner`; independent of λ, so a Levenberg–Marquardt loop that
+    re-solves with several λ prepares it once. Jacobi fills `diagonal` (diag A); Nyström fills
+    `basis` U (n×ℓ, orthonormal) and `eigenvalues` $\hat\mu$ (ℓ, descending) of $A \approx
+    U\mathrm{diag}(\hat\mu)U^\top$.
+    """
+
+    diagonal: Float[Array, " n"] | None = None
+    basis: Float[Array, "n l"] | None = None
+    eigenvalues: Float[Array, " l"] | None = None
+
+
+def prepare_preconditioner(lin: Linearization, kind: str | None,
+                           rank: int | None = None) -> Preconditioner | None:
+    r"""The `"jacobi"` or `"nystrom"` preconditioner of the Gram of `lin`'s smaller side.
+
+    - `"jacobi"`: diag A, from `lin.diagonal` (per-sample Jacobians in chunks when D is not
+      dense): one Jacobian evaluation.
+    - `"nystrom"`: the randomized Nyström approximation of rank ℓ = `rank` (default
+      min(50, n)) of Frangella, Tropp & Udell (2023), Alg. 2.1: with a Gaussian Ω of ℓ
+      orthonormal columns, $Y = A\Omega$ (ℓ Gram products, 8 at a time), a shift
+      $\nu = \sqrt n\,\epsilon\,\|Y\|$, $B = Y_\nu\,\mathrm{chol}(\Omega^\top Y_\nu)^{-\top}$ and
+      $B = U\Sigma V^\top$: $\hat\mu = \max(\Sigma^2 - \nu, 0)$. A non-finite sketch (a Gram too
+      singular for this precision) leaves U = 0, i.e. no preconditioning.
+    - None: None.
+    """
+    if kind not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner={kind!r} is not known; choose one of "
+                         f"{list(PRECONDITIONERS)}")
+    _check_rank(rank)
+    if kind is None:
+        return None
     num_rows, num_params = lin.shape
     wide = num_rows <= num_params
-    if wide:
-        structure = jax.ShapeDtypeStruct((num_rows,), rhs.dtype)
-        operator = lx.FunctionLinearOperator(
-            lambda z: lin.matvec(lin.rmatvec(z)) + lam * z, structure,
-            tags=lx.positive_semidefinite_tag,
-        )
-        vector = rhs
+    dtype = lin.flat_params.dtype
+    if kind == "jacobi":
+        diag = lin.diagonal() if lin.diagonal is not None else _dense_diagonal(lin, wide)
+        return Preconditioner(diagonal=diag.astype(dtype))
+    size = num_rows if wide else num_params
+    rank = min(rank or 50, size)
+    gram_mv = _gram_operator(lin, wide)
+    omega = jax.random.normal(jax.random.PRNGKey(0), (size, rank), dtype)
+    omega, _ = jnp.linalg.qr(omega)
+    y = jax.lax.map(gram_mv, omega.T, batch_size=min(rank, 8)).T
+    eps = float(jnp.finfo(dtype).eps)
+    nu = jnp.sqrt(float(size)) * eps * jnp.linalg.norm(y)
+    y_nu = y + nu * omega
+    small = omega.T @ y_nu
+    chol = jnp.linalg.cholesky(0.5 * (small + small.T))
+    b = jsl.solve_triangular(chol, y_nu.T, lower=True).T
+    u, sigma, _ = jnp.linalg.svd(b, full_matrices=False)
+    mu = jnp.maximum(sigma**2 - nu, 0.0)
+    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(mu))
+    return Preconditioner(basis=jnp.where(ok, u, 0.0), eigenvalues=jnp.where(ok, mu, 0.0))
+
+
+def _preconditioner_operator(pre: Preconditioner, lam, structure):
+    r"""$P^{-1}$ for $A + \lambda I$: Jacobi $\mathrm{diag}(A + \lambda I)^{-1}$, or Nyström
+    $(\hat\mu_\ell + \lambda)\,U(\mathrm{diag}\,\hat\mu + \lambda I)^{-1}U^\top + I - UU^\top$
+    (Frangella, Tropp & Udell 2023, eq. 5.3)."""
+    dtype = structure.dtype
+    if pre.diagonal is not None:
+        damped = pre.diagonal + lam
+        inverse = jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 1.0)
+        inverse = inverse.astype(dtype)
+        apply = lambda v: inverse * v  # noqa: E731
     else:
-        structure = jax.ShapeDtypeStruct((num_params,), rhs.dtype)
-        operator = lx.FunctionLinearOperator(
-            lambda v: lin.rmatvec(lin.matvec(v)) + lam * v, structure,
-            tags=lx.positive_semidefinite_tag,
-        )
-        vector = lin.rmatvec(rhs)
+        u, mu = pre.basis, pre.eigenvalues
+        floor = jnp.maximum(lam, float(jnp.finfo(dtype).eps) * mu[0])
+        scale = ((mu[-1] + floor) / (mu + floor) - 1.0).astype(dtype)
+        apply = lambda v: v + u @ (scale * (u.T @ v))  # noqa: E731
+    return lx.FunctionLinearOperator(apply, structure, tags=lx.positive_semidefinite_tag)
+
+
+def _cg(lin: Linearization, rhs, lam, tol, max_steps, preconditioner=None,
+        rank=None) -> SolveResult:
+    num_rows, num_params = lin.shape
+    wide = num_rows <= num_params
+    size = num_rows if wide else num_params
+    structure = jax.ShapeDtypeStruct((size,), rhs.dtype)
+    gram_mv = _gram_operator(lin, wide)
+    operator = lx.FunctionLinearOperator(lambda z: gram_mv(z) + lam * z, structure,
+                                         tags=lx.positive_semidefinite_tag)
+    vector = rhs if wide else lin.rmatvec(rhs)
+    if isinstance(preconditioner, str):
+        preconditioner = prepare_preconditioner(lin, preconditioner, rank)
+    options = {}
+    if preconditioner is not None:
+        options["preconditioner"] = _preconditioner_operator(preconditioner, lam, structure)
     cg = lx.CG(rtol=tol, atol=tol * 1e-3, max_steps=max_steps)
-    sol = lx.linear_solve(operator, vector, cg, throw=False)
+    sol = lx.linear_solve(operator, vector, cg, options=options, throw=False)
     delta = lin.rmatvec(sol.value) if wide else sol.value
     converged = sol.result == lx.RESULTS.successful
     finite = jnp.all(jnp.isfinite(delta))
     delta = jnp.where(finite, delta, 0.0)
-    return SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite)
+    return SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite,
+                       jnp.asarray(sol.stats["num_steps"], jnp.int32))
+
+
+def _dense_diagonal(lin: Linearization, wide: bool):
+    if lin.gram is not None:
+        return jnp.diag(lin.gram)
+    if lin.jacobian is not None:
+        return jnp.sum(lin.jacobian**2, axis=1 if wide else 0)
+    raise ValueError("preconditioner='jacobi' needs the Gram diagonal; build the Linearization "
+                     "with outmetric._solve.linearize")
+
+
+def _lsmr(lin: Linearization, rhs, damping, tol, max_steps) -> SolveResult:
+    r"""Minimum-norm least squares by LSMR: $\min\|D\delta - g\|^2 + \lambda\|\delta\|^2$ from δ = 0."""
+    num_rows, num_params = lin.shape
+    structure = jax.ShapeDtypeStruct((num_params,), rhs.dtype)
+    if is_static_zero(damping):
+        fn, vector = lin.matvec, rhs
+    else:
+        root = jnp.sqrt(jnp.asarray(damping, rhs.dtype))
+        fn = lambda v: jnp.concatenate([lin.matvec(v), root * v])  # noqa: E731
+        vector = jnp.concatenate([rhs, jnp.zeros(num_params, rhs.dtype)])
+    operator = lx.FunctionLinearOperator(fn, structure)
+    conlim = 1.0 / float(jnp.finfo(rhs.dtype).eps)
+    solver = lx.LSMR(rtol=tol, atol=tol * 1e-3, max_steps=max_steps, conlim=conlim)
+    sol = lx.linear_solve(operator, vector, solver, throw=False)
+    delta = sol.value
+    converged = sol.result == lx.RESULTS.successful
+    finite = jnp.all(jnp.isfinite(delta))
+    delta = jnp.where(finite, delta, 0.0)
+    return SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite,
+                       jnp.asarray(sol.stats["num_steps"], jnp.int32))
 
 
 def output_metric_gradient(
@@ -285,18 +747,23 @@ def output_metric_gradient(
     *,
     damping: float | Float[Array, ""] = 0.0,
     solver: str = "auto",
+    chunk_size: int | None = None,
+    gram: str = "auto",
+    memory_budget: int | None = None,
     **solve_options,
 ) -> tuple[PyTree, SolveResult, Linearization]:
     r"""$D^+\nabla_x C$ as a pytree shaped like `params` (damped: $D^\top(DD^\top+\lambda I)^{-1}\nabla_x C$).
 
     The gradient of C in the output metric pulled back to parameter space: the adapted flow is
     its negative, and the optimizer's step is $-\eta N$ times it (for L², $N\nabla_xC = x - y$).
-    Returns the pytree, the `SolveResult`, and the `Linearization` it was computed from.
+    `solver`, `chunk_size`, `gram` and `memory_budget` are planned by `plan_solve`; the other
+    keyword arguments go to `solve`. Returns the pytree, the `SolveResult`, and the
+    `Linearization` it was computed from.
     """
-    flat, _ = ravel_pytree(params)
-    method = resolve_solver(solver, damping, problem.num_samples * problem.output_dim,
-                            flat.shape[0], flat.dtype)
-    lin = linearize(problem, params, method=method)
+    plan = plan_solve(problem, params, solver=solver, damping=damping, chunk_size=chunk_size,
+                      gram=gram, memory_budget=memory_budget)
+    lin = linearize(problem, params, method=plan.method, chunk_size=plan.chunk_size,
+                    gram=plan.gram)
     grad_x = problem.output_gradient(lin.outputs)
-    result = solve(lin, grad_x.reshape(-1), damping=damping, solver=method, **solve_options)
+    result = solve(lin, grad_x.reshape(-1), damping=damping, solver=plan.method, **solve_options)
     return lin.unravel(result.delta), result, lin

@@ -17,14 +17,26 @@ optax (`optax.apply_if_finite` inspects it, for instance); the step itself does 
 import weakref
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-from ._problem import Problem
-from ._solve import SOLVERS, SolveResult, linearize, resolve_solver, solve
+from ._problem import Problem, check_params
+from ._gram import GRAM_METHODS
+from ._problem import check_chunk_size
+from ._solve import (
+    PRECONDITIONERS,
+    SOLVERS,
+    SolveResult,
+    linearize,
+    plan_solve,
+    prepare_preconditioner,
+    solve,
+)
 
 
 #: Update functions that ignore their `grads` argument; `fit` skips the backward pass for them.
@@ -49,8 +61,51 @@ def _check_solver(solver: str) -> None:
 
 
 def _check_nonnegative(name: str, value) -> None:
-    if isinstance(value, (int, float)) and not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    # Numbers may arrive as arrays (optax.inject_hyperparams injects every numeric argument).
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "dtype")):
+        raise TypeError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(value, (int, float)) and not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+
+
+def _check_solve_options(rtol, cg_tol, cg_max_steps) -> None:
+    """Static checks of the options passed through to the solve; arrays pass unchecked."""
+    for name, value, upper in (("rtol", rtol, 1.0), ("cg_tol", cg_tol, float("inf"))):
+        if value is None or hasattr(value, "dtype"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < upper:
+            raise ValueError(f"{name} must be a number in (0, {upper:g}) or None, got {value!r}")
+    if cg_max_steps is not None and not hasattr(cg_max_steps, "dtype") and (
+        isinstance(cg_max_steps, bool) or not isinstance(cg_max_steps, int) or cg_max_steps < 1
+    ):
+        raise ValueError(f"cg_max_steps must be a positive integer or None, got {cg_max_steps!r}")
+
+
+def _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
+                         memory_budget) -> None:
+    """Static checks of the scale options (chunking, Gram, preconditioner, memory budget)."""
+    check_chunk_size(chunk_size)
+    if gram not in GRAM_METHODS:
+        raise ValueError(f"gram={gram!r} is not a Gram method; choose one of {list(GRAM_METHODS)}")
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner={preconditioner!r} is not known; choose one of "
+                         f"{list(PRECONDITIONERS)}")
+    if preconditioner is not None and solver not in ("cg", "auto"):
+        raise ValueError(f"preconditioner={preconditioner!r} applies to solver='cg' (or 'auto' "
+                         f"when it picks 'cg'), not solver={solver!r}")
+    if preconditioner_rank is not None and (isinstance(preconditioner_rank, bool) or not
+                                            isinstance(preconditioner_rank, int)
+                                            or preconditioner_rank < 1):
+        raise ValueError(f"preconditioner_rank must be a positive integer or None, got "
+                         f"{preconditioner_rank!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not
+                                      isinstance(memory_budget, int) or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be a positive number of bytes or None, got "
+                         f"{memory_budget!r}")
+
+
+def _solver_code(method: str) -> Array:
+    return jnp.asarray(SOLVERS.index(method), jnp.int32)
 
 
 def _residual_vector(problem: Problem, outputs: Array) -> Array:
@@ -59,11 +114,17 @@ def _residual_vector(problem: Problem, outputs: Array) -> Array:
 
 
 class ScaleByOutputMetricState(NamedTuple):
-    """State of `scale_by_output_metric`: what the last solve reported."""
+    """State of `scale_by_output_metric`: what the last solve reported.
+
+    `solver` is the method the last update used, as an index into `outmetric.SOLVERS`
+    (``om.SOLVERS[int(state.solver)]``; -1 before the first update), so what `"auto"` picked
+    can be read back.
+    """
 
     rank: Int[Array, ""]
     fallback: Bool[Array, ""]
     converged: Bool[Array, ""]
+    solver: Int[Array, ""] = np.asarray(-1, np.int32)
 
 
 def scale_by_output_metric(
@@ -73,6 +134,11 @@ def scale_by_output_metric(
     rtol: float | None = None,
     cg_tol: float | None = None,
     cg_max_steps: int | None = None,
+    chunk_size: int | None = None,
+    gram: str = "auto",
+    preconditioner: str | None = None,
+    preconditioner_rank: int | None = None,
+    memory_budget: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replace the gradient by the output-metric direction $D^+ (N\nabla_x C)$.
 
@@ -86,39 +152,56 @@ def scale_by_output_metric(
     **Arguments:**
 
     - `damping`: fixed λ ≥ 0.
-    - `solver`: `"auto"`, `"cholesky"`, `"qr"`, `"svd"` or `"cg"` (`outmetric._solve`); the
-      solve works on the smaller side (QN×QN or K×K).
-    - `rtol`, `cg_tol`, `cg_max_steps`: passed to the solve.
+    - `solver`: `"auto"`, `"cholesky"`, `"qr"`, `"svd"`, `"cg"` or `"lsmr"`
+      (`outmetric._solve`); the solve works on the smaller side (QN×QN or K×K). `"auto"`
+      decides from the sizes and free memory (`outmetric.plan_solve`) and `state.solver` says
+      what it picked.
+    - `rtol`, `cg_tol`, `cg_max_steps`: passed to the solve (the last two to CG and LSMR).
+    - `chunk_size`: compute per-sample Jacobians (and the Cholesky Gram, without holding D)
+      this many samples at a time.
+    - `gram`: where the Cholesky Gram comes from: `"auto"` (the dense-layer structure when the
+      model has dense layers and the wide side is solved), `"structured"` or `"jacobian"`.
+    - `preconditioner`, `preconditioner_rank`: for CG: None, `"jacobi"` or `"nystrom"`.
+    - `memory_budget`: bytes that `"auto"` may plan for (default: half the free memory).
     """
     _check_solver(solver)
     _check_nonnegative("damping", damping)
+    _check_solve_options(rtol, cg_tol, cg_max_steps)
+    _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
+                         memory_budget)
 
     def init_fn(params):
-        del params
+        check_params(params)
         return ScaleByOutputMetricState(jnp.asarray(-1, jnp.int32), jnp.asarray(False),
-                                        jnp.asarray(True))
+                                        jnp.asarray(True), jnp.asarray(-1, jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del updates, state
         if params is None:
             raise ValueError("scale_by_output_metric.update needs params")
         problem = _require_problem("scale_by_output_metric", extra_args)
-        lin, method = _linearize(problem, params, damping, solver)
+        lin, method = _linearize(problem, params, damping, solver, chunk_size, gram,
+                                 memory_budget)
         result = solve(lin, _residual_vector(problem, lin.outputs), damping=damping,
-                       solver=method, rtol=rtol, cg_tol=cg_tol, cg_max_steps=cg_max_steps)
+                       solver=method, rtol=rtol, cg_tol=cg_tol, cg_max_steps=cg_max_steps,
+                       preconditioner=preconditioner if method == "cg" else None,
+                       preconditioner_rank=preconditioner_rank)
         direction = lin.unravel(result.delta)
         direction = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), direction, params)
-        return direction, ScaleByOutputMetricState(result.rank, result.fallback, result.converged)
+        return direction, ScaleByOutputMetricState(result.rank, result.fallback, result.converged,
+                                                   _solver_code(method))
 
     GRADIENT_FREE.add(update_fn)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _linearize(problem, params, damping, solver):
-    flat = jax.flatten_util.ravel_pytree(params)[0]
-    method = resolve_solver(solver, damping, problem.num_samples * problem.output_dim,
-                            flat.shape[0], flat.dtype)
-    return linearize(problem, params, method=method), method
+def _linearize(problem, params, damping, solver, chunk_size=None, gram="auto",
+               memory_budget=None):
+    plan = plan_solve(problem, params, solver=solver, damping=damping, chunk_size=chunk_size,
+                      gram=gram, memory_budget=memory_budget)
+    lin = linearize(problem, params, method=plan.method, chunk_size=plan.chunk_size,
+                    gram=plan.gram)
+    return lin, plan.method
 
 
 class OutputMetricDescentState(NamedTuple):
@@ -130,6 +213,8 @@ class OutputMetricDescentState(NamedTuple):
     - `step_size`: the fraction of the step finally taken (0 when no decrease was found).
     - `rank`, `fallback`: what the last solve reported.
     - `cost`: C before the last step.
+    - `solver`: the method of the last step, an index into `outmetric.SOLVERS`
+      (``om.SOLVERS[int(state.solver)]``; -1 before the first step): what `"auto"` picked.
     """
 
     count: Int[Array, ""]
@@ -139,6 +224,7 @@ class OutputMetricDescentState(NamedTuple):
     rank: Int[Array, ""]
     fallback: Bool[Array, ""]
     cost: Float[Array, ""]
+    solver: Int[Array, ""] = np.asarray(-1, np.int32)
 
 
 def output_metric_descent(
@@ -152,6 +238,11 @@ def output_metric_descent(
     rtol: float | None = None,
     cg_tol: float | None = None,
     cg_max_steps: int | None = None,
+    chunk_size: int | None = None,
+    gram: str = "auto",
+    preconditioner: str | None = None,
+    preconditioner_rank: int | None = None,
+    memory_budget: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Output-metric descent: the discretised adapted flow with safeguards.
 
@@ -183,6 +274,9 @@ def output_metric_descent(
     - `linesearch`: `"backtracking"` or None (ignored under adaptive damping, which already
       accepts or rejects each step).
     - `max_linesearch_steps`: trials per update (halvings, or λ increases).
+    - `rtol`, `cg_tol`, `cg_max_steps`, `chunk_size`, `gram`, `preconditioner`,
+      `preconditioner_rank`, `memory_budget`: as in `scale_by_output_metric`. The Gram (or
+      the preconditioner) is formed once per update and reused by every λ tried.
 
     Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
     """
@@ -192,6 +286,8 @@ def output_metric_descent(
         raise ValueError(f"damping must be 'adaptive' or a number >= 0, got {damping!r}")
     if not adaptive:
         _check_nonnegative("damping", damping)
+    if isinstance(learning_rate, bool):
+        raise TypeError(f"learning_rate must be a number in (0, 1] or an optax schedule, got {learning_rate!r}")
     if isinstance(learning_rate, (int, float)) and not 0 < learning_rate <= 1:
         raise ValueError(f"learning_rate must lie in (0, 1], got {learning_rate}")
     if not (callable(learning_rate) or isinstance(learning_rate, (int, float))
@@ -205,14 +301,19 @@ def output_metric_descent(
     ):
         raise ValueError(f"max_linesearch_steps must be a positive integer, got {max_linesearch_steps!r}")
     _check_nonnegative("initial_damping", initial_damping)
+    _check_solve_options(rtol, cg_tol, cg_max_steps)
+    _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
+                         memory_budget)
     solve_damping = 1.0 if adaptive else damping  # any non-zero traced λ picks the Cholesky path
 
     def init_fn(params):
+        check_params(params)
         dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
         lam = jnp.asarray(-1.0 if adaptive else damping, dtype)  # -1: set at the first step
         return OutputMetricDescentState(
             jnp.asarray(0, jnp.int32), lam, jnp.asarray(2.0, dtype), jnp.asarray(0.0, dtype),
             jnp.asarray(-1, jnp.int32), jnp.asarray(False), jnp.asarray(jnp.inf, dtype),
+            jnp.asarray(-1, jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -220,17 +321,24 @@ def output_metric_descent(
         if params is None:
             raise ValueError("output_metric_descent.update needs params")
         problem = _require_problem("output_metric_descent", extra_args)
-        lin, method = _linearize(problem, params, solve_damping, solver)
+        lin, method = _linearize(problem, params, solve_damping, solver, chunk_size, gram,
+                                 memory_budget)
+        pre = prepare_preconditioner(lin, preconditioner, preconditioner_rank) if (
+            method == "cg") else None
         dtype = lin.flat_params.dtype
         eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
         eta = jnp.asarray(eta, dtype)
+        if not isinstance(learning_rate, (int, float)):  # a schedule or an injected array
+            eta = eqx.error_if(eta, ~((eta >= 0) & (eta <= 1)),
+                               "output_metric_descent: the learning_rate (schedule) gave a value "
+                               "outside [0, 1]")
         residual = _residual_vector(problem, lin.outputs)
         grad_x = residual / problem.num_samples
         cost0 = problem.cost_from_outputs(lin.outputs)
 
         def solve_with(lam):
             return solve(lin, residual, damping=lam, solver=method, rtol=rtol, cg_tol=cg_tol,
-                         cg_max_steps=cg_max_steps)
+                         cg_max_steps=cg_max_steps, preconditioner=pre)
 
         def trial_cost(step):
             return problem.cost(lin.unravel(lin.flat_params - step))
@@ -251,7 +359,8 @@ def output_metric_descent(
         new_updates = lin.unravel(-step)
         new_updates = jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), new_updates, params)
         new_state = OutputMetricDescentState(
-            state.count + 1, lam, nu, taken, result.rank, result.fallback, cost0
+            state.count + 1, lam, nu, taken, result.rank, result.fallback, cost0,
+            _solver_code(method),
         )
         return new_updates, new_state
 
@@ -275,7 +384,8 @@ def _backtrack(step, trial_cost, cost0, max_steps):
     one = jnp.asarray(1.0, step.dtype)
     _, alpha, found = jax.lax.while_loop(cond, body, (0, one, jnp.asarray(False)))
     alpha = jnp.where(found, alpha, 0.0)
-    return alpha * step, alpha
+    # Not α·step: a non-finite step (from a non-finite Jacobian) times α = 0 would be NaN.
+    return jnp.where(found, alpha * step, jnp.zeros_like(step)), alpha
 
 
 def _levenberg_marquardt(lin, solve_with, trial_cost, state, eta, grad_x, cost0, num_samples,
