@@ -9,8 +9,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--baseline-steps", type=_positive_int, default=3000,
                       help="Adam steps for the baseline (default 3000)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--compare", action="store_true",
+                      help="also run the second-order baselines: optax L-BFGS and, if installed, "
+                      "optimistix Gauss-Newton and Levenberg-Marquardt")
+    demo.add_argument("--compare-seconds", type=_positive_float, default=60.0,
+                      help="training-time cap for each --compare baseline (default 60 s)")
     demo.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data, eps=args.eps, out=args.out, width=args.width,
             flow_samples=args.flow_samples, baseline_steps=args.baseline_steps,
             max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress,
+            compare=args.compare, compare_seconds=args.compare_seconds,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"outmetric demo: error: {err}", file=sys.stderr)
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"plot:    {report.plot_path}")
     print(f"results: {report.json_path}")
+    if args.compare:
+        print("The baselines' rows are in the table above, their curves in the plot and their "
+              "numbers in the results file; `python -m benchmarks.run` in the source tree runs "
+              "the full comparison.")
     return 0
 
 

@@ -1,0 +1,87 @@
+"""The benchmark command's smoke run (`--quick`): it runs and writes sane files.
+
+Never asserts a wall-clock number: the quick problems are tiny and their times mean nothing.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBLEMS = ["diabetes", "pinn_poisson"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--problems", *PROBLEMS,
+         "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_run_writes_json_markdown_and_plots(quick_run):
+    out, stdout = quick_run
+    for name in PROBLEMS:
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert 10_000 < png.stat().st_size < 400_000
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "summary.md").read_text()
+    assert "--quick" in md and "## diabetes" in md and "## pinn_poisson" in md
+    assert "| outmetric |" in md and "| lbfgs |" in md and "| optx-lm |" in md
+    assert "summary.md" in stdout
+
+
+def test_quick_run_json_is_sane(quick_run):
+    out, _ = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    machine = summary["machine"]
+    assert machine["cores"] >= 1 and machine["backend"] and machine["versions"]["jax"]
+    assert summary["quick"] is True
+    for name in PROBLEMS:
+        data = json.loads((out / f"{name}.json").read_text())
+        assert data["problem"] == name and data["cost0"] > 0
+        runs = data["runs"]
+        families = {row["family"] for row in runs.values()}
+        assert {"outmetric", "outmetric-cg", "adam", "lbfgs", "optx-gn", "optx-lm"} <= families
+        assert set(data["best_of_family"]) == families
+        for row in runs.values():
+            assert row["status"] in ("target", "budget", "max_steps", "halted", "non-finite")
+            steps = [p[0] for p in row["trace"]]
+            times = [p[1] for p in row["trace"]]
+            assert steps == sorted(steps) and times == sorted(times) and times[0] == 0.0
+            assert row["memory_mb"] is None or row["memory_mb"] > 0
+        # outmetric's default optimizer never increases the cost and makes progress.
+        ours = runs["outmetric"]
+        assert math.isfinite(ours["final_cost"]) and ours["final_cost"] < 0.5 * data["cost0"]
+        costs = [p[2] for p in ours["trace"]]
+        assert all(b <= a * (1 + 1e-12) for a, b in zip(costs, costs[1:]))
+    pinn = json.loads((out / "pinn_poisson.json").read_text())
+    assert pinn["error_targets"] == [1e-3, 1e-6]
+    assert pinn["runs"]["outmetric"]["final_error"] < 1.0
+
+
+def test_demo_compare_runs_the_baselines(tmp_path, capsys):
+    from outmetric._cli import main
+
+    out = tmp_path / "demo"
+    tiny = ["--max-samples", "24", "--width", "16", "--flow-samples", "8", "--baseline-steps",
+            "40", "--no-progress", "--eps", "1e-8", "--compare", "--compare-seconds", "5"]
+    assert main(["demo", "--out", str(out), *tiny]) == 0
+    printed = capsys.readouterr().out
+    for label in ("L-BFGS (optax)", "Gauss-Newton (optimistix)",
+                  "Levenberg-Marquardt (optimistix)"):
+        assert f"| {label} |" in printed
+    assert str(out / "demo.png") in printed and str(out / "demo.json") in printed
+    rows = {r["method"]: r for r in json.loads((out / "demo.json").read_text())["rows"]}
+    assert rows["Levenberg-Marquardt (optimistix)"]["final_cost"] < rows["adam (lr 1e-3)"]["final_cost"]
+    assert all(math.isfinite(r["wall_time"]) and r["steps"] >= 1 for r in rows.values())
