@@ -102,6 +102,7 @@ class Problem(eqx.Module):
     loss: str = eqx.field(static=True)
     batched: bool = eqx.field(static=True)
     residual_fn: Callable | None = eqx.field(static=True)
+    label_smoothing: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -167,6 +168,11 @@ class Problem(eqx.Module):
             targets = targets[:, None]
         if targets.ndim != 2:
             raise ValueError(f"targets must have shape (N, Q) or (N,), got {targets.shape}")
+        if loss == "cross_entropy" and targets.shape[1] < 2:
+            raise ValueError(
+                "cross-entropy targets must be label vectors (N, Q) with Q >= 2 classes or integer "
+                f"class indices (N,); got float targets of shape {targets.shape}"
+            )
         _check_finite("targets", targets)
         if loss == "cross_entropy" and _is_concrete(targets):
             if bool(jnp.any(targets < 0)):
@@ -177,6 +183,7 @@ class Problem(eqx.Module):
         self.loss = loss
         self.batched = batched
         self.residual_fn = residual_fn
+        self.label_smoothing = label_smoothing
 
     @classmethod
     def from_residual(cls, residual_fn: Callable[[PyTree], Array], num_residuals: int | None = None,
@@ -215,7 +222,15 @@ class Problem(eqx.Module):
         """The same model and loss on other data (a mini-batch, say), validated like `__init__`."""
         if self.residual_fn is not None:
             raise ValueError("a residual problem has no data to replace")
-        return Problem(self.apply_fn, inputs, targets, loss=self.loss, batched=self.batched)
+        return Problem(
+            self.apply_fn,
+            inputs,
+            targets,
+            loss=self.loss,
+            batched=self.batched,
+            num_classes=self.output_dim,
+            label_smoothing=self.label_smoothing,
+        )
 
     # ------------------------------------------------------------------ outputs and cost
 

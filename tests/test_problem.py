@@ -122,3 +122,21 @@ def test_wrong_output_shape_rejected():
 def test_cost_is_never_nan_for_valid_input():
     problem, params = make_problem("gelu_softplus_mlp")
     assert np.isfinite(problem.cost(params))
+
+
+def test_with_data_keeps_cross_entropy_classes_and_smoothing():
+    """A mini-batch that lacks the highest class still has Q classes and the same smoothing."""
+    apply_fn = lambda p, u: p["w"] @ u  # noqa: E731
+    params = {"w": jnp.ones((4, 2))}
+    labels = jnp.array([0, 1, 3, 2])
+    problem = om.Problem(apply_fn, jnp.ones((4, 2)), labels, loss="cross_entropy",
+                         label_smoothing=0.2)
+    batch = problem.with_data(jnp.ones((2, 2)), jnp.array([0, 1]))
+    assert batch.output_dim == 4
+    np.testing.assert_allclose(batch.targets, problem.targets[:2], rtol=0, atol=1e-15)
+    assert batch.outputs(params).shape == (2, 4)
+
+
+def test_cross_entropy_rejects_single_column_float_targets():
+    with pytest.raises(ValueError, match="cross-entropy targets"):
+        om.Problem(lambda p, u: p @ u, jnp.ones((3, 2)), jnp.ones(3), loss="cross_entropy")
