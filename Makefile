@@ -2,6 +2,9 @@
 #   make demo   runs `outmetric demo` on the bundled dataset
 #   make test   runs the whole test suite (tests, notebooks, benchmark smoke run)
 PYTHON ?= python3
+# jaxlib's CPU factorizations call OpenBLAS, whose thread pool makes small Cholesky/QR/SVD
+# 100-300x slower when it oversubscribes the cores JAX already uses; one thread is fastest.
+export OPENBLAS_NUM_THREADS ?= 1
 VENV := .venv
 STAMP := $(VENV)/.installed
 
