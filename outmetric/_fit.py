@@ -40,7 +40,12 @@ class FitResult(NamedTuple):
       SVD because the Gram matrix was singular or too ill-conditioned for its factorization
       (0 for optimizers without an output-metric solve).
     - `min_rank`: the smallest rank of D that those solves estimated (-1: none estimated).
+      Under damping the Cholesky estimate counts the directions λ props up; build the
+      optimizer with ``track_min_singular_value=True`` for a rank from the Gram eigenvalues.
     - `resumed_from`: the step of the checkpoint this run resumed from (0 for a fresh run).
+    - `min_singular_values`: σ_min(D) at each step, shape `(num_steps,)`, from optimizers
+      built with ``track_min_singular_value=True`` (-1 where not estimated): watch it fall to
+      see a rank loss coming.
     """
 
     params: PyTree
@@ -51,6 +56,7 @@ class FitResult(NamedTuple):
     fallback_steps: int = 0
     min_rank: int = -1
     resumed_from: int = 0
+    min_singular_values: np.ndarray | None = None
 
 
 _DEFAULT_OPTIMIZER: list = []
@@ -79,8 +85,9 @@ def _is_solve_state(x) -> bool:
     return isinstance(x, (OutputMetricDescentState, ScaleByOutputMetricState))
 
 
-def _solve_report(state) -> tuple[jax.Array, jax.Array]:
-    """(any SVD fallback, smallest rank estimate or -1) over the outmetric states inside `state`.
+def _solve_report(state) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(any SVD fallback, smallest rank estimate or -1, smallest σ_min(D) or -1) over the
+    outmetric states inside `state`.
 
     Finds `OutputMetricDescentState`/`ScaleByOutputMetricState` however the optimizer nests
     them (`optax.chain`, `inject_hyperparams`, `apply_if_finite`, ...).
@@ -88,12 +95,15 @@ def _solve_report(state) -> tuple[jax.Array, jax.Array]:
     states = [s for s in jax.tree_util.tree_leaves(state, is_leaf=_is_solve_state)
               if _is_solve_state(s)]
     if not states:
-        return jnp.asarray(False), jnp.asarray(-1, jnp.int32)
+        return jnp.asarray(False), jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0)
     fallback = jnp.any(jnp.stack([jnp.asarray(s.fallback, bool) for s in states]))
     ranks = jnp.stack([jnp.asarray(s.rank, jnp.int32) for s in states])
     known = ranks >= 0
     rank = jnp.where(jnp.any(known), jnp.min(jnp.where(known, ranks, jnp.iinfo(jnp.int32).max)), -1)
-    return fallback, rank.astype(jnp.int32)
+    sigmas = jnp.stack([jnp.asarray(s.min_singular_value) for s in states])
+    seen = sigmas >= 0
+    sigma = jnp.where(jnp.any(seen), jnp.min(jnp.where(seen, sigmas, jnp.inf)), -1.0)
+    return fallback, rank.astype(jnp.int32), sigma
 
 
 def _merge_rank(current, new):
@@ -127,20 +137,21 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
     current params means the last step led somewhere the model is not finite: that step is
     undone (`rolled_back`). Non-finite new params are never taken.
 
-    Returns (steps taken, carry, costs before each step (length `chunk`), done, bad,
-    rolled_back). Only `chunk` is static, so every chunk of every `fit` call with that chunk
+    Returns (steps taken, carry, costs before each step (length `chunk`), σ_min(D) of each
+    step's solve (length `chunk`, -1 where not estimated), done, bad, rolled_back). Only `chunk` is static, so every chunk of every `fit` call with that chunk
     size reuses one compilation, and where chunks end does not change the arithmetic.
     """
     params = carry[0]
     dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
     costs = jnp.full(chunk, jnp.nan, dtype)
+    sigmas = jnp.full(chunk, -1.0, dtype)
 
     def cond(loop):
-        i, _, _, done, bad, _ = loop
+        i, _, _, _, done, bad, _ = loop
         return (i < num) & ~done & ~bad
 
     def body(loop):
-        i, carry, costs, _, _, _ = loop
+        i, carry, costs, sigmas, _, _, _ = loop
         params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
         cost, new_params, new_state, params_ok = _step(optimizer, problem, params, state,
                                                        use_grad)
@@ -149,7 +160,8 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
         done = cost_ok & (cost <= eps)
         advance = cost_ok & params_ok & ~done
         rolled_back = ~cost_ok & has_prev
-        fallback, rank = _solve_report(new_state)
+        fallback, rank, sigma = _solve_report(new_state)
+        sigmas = sigmas.at[i].set(sigma.astype(dtype))
         carry = (
             _select(advance, new_params, _select(rolled_back, prev_params, params)),
             _select(advance, new_state, _select(rolled_back, prev_state, state)),
@@ -159,10 +171,11 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
             fallbacks + (advance & fallback).astype(fallbacks.dtype),
             jnp.where(advance, _merge_rank(min_rank, rank), min_rank),
         )
-        return i + advance.astype(i.dtype), carry, costs, done, ~advance & ~done, rolled_back
+        return (i + advance.astype(i.dtype), carry, costs, sigmas, done, ~advance & ~done,
+                rolled_back)
 
-    init = (jnp.asarray(0, jnp.int32), carry, costs, jnp.asarray(False), jnp.asarray(False),
-            jnp.asarray(False))
+    init = (jnp.asarray(0, jnp.int32), carry, costs, sigmas, jnp.asarray(False),
+            jnp.asarray(False), jnp.asarray(False))
     return jax.lax.while_loop(cond, body, init)
 
 
@@ -262,15 +275,17 @@ def fit(
             raise ValueError("params give a non-finite initial cost: the model returns NaN or "
                              "inf at the initial params")
     state = optimizer.init(params)
-    start = _Progress(0, params, state, (), 0, -1)
+    start = _Progress(0, params, state, (), 0, -1, ())
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         saved = load_checkpoint(checkpoint, params, state)
         if len(saved.costs) != saved.step:
             raise CheckpointError(f"checkpoint {checkpoint!r} has {len(saved.costs)} costs for "
                                   f"{saved.step} steps; it was not written by fit")
+        sigmas = saved.extra.get("min_singular_values", np.full(saved.step, -1.0))
         start = _Progress(saved.step, saved.params, saved.opt_state, tuple(saved.costs.tolist()),
                           int(saved.extra.get("fallback_steps", 0)),
-                          int(saved.extra.get("min_rank", -1)))
+                          int(saved.extra.get("min_rank", -1)),
+                          tuple(np.asarray(sigmas, float).reshape(-1).tolist()))
     if checkpoint is not None:
         os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
     chunk = int(chunk_size or 10)
@@ -308,6 +323,7 @@ class _Progress(NamedTuple):
     costs: tuple
     fallback_steps: int
     min_rank: int
+    sigmas: tuple
 
 
 def _save(checkpoint, snap: _Progress) -> int | None:
@@ -315,7 +331,8 @@ def _save(checkpoint, snap: _Progress) -> int | None:
     if checkpoint is None:
         return None
     save_checkpoint(checkpoint, snap.params, snap.state, snap.step, snap.costs,
-                    extra={"fallback_steps": snap.fallback_steps, "min_rank": snap.min_rank})
+                    extra={"fallback_steps": snap.fallback_steps, "min_rank": snap.min_rank,
+                           "min_singular_values": np.asarray(snap.sigmas, float)})
     return snap.step
 
 
@@ -342,19 +359,22 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
                 num = min(num, every - snap.step % every)
             carry = (snap.params, snap.state, *prev, jnp.asarray(snap.fallback_steps, jnp.int32),
                      jnp.asarray(snap.min_rank, jnp.int32))
-            taken, carry, costs, done_c, bad_c, back_c = _run_chunk(
+            taken, carry, costs, sigmas, done_c, bad_c, back_c = _run_chunk(
                 optimizer, problem, carry, jnp.asarray(num), eps_value, use_grad, chunk
             )
             taken, done, bad, rolled_back = int(taken), bool(done_c), bool(bad_c), bool(back_c)
             costs = np.asarray(costs)
             history = snap.costs + tuple(costs[:taken].tolist())
+            sigma_history = snap.sigmas + tuple(np.asarray(sigmas)[:taken].tolist())
             if rolled_back:  # the last step (maybe of an earlier chunk) is undone
                 history = history[:-1]
+                sigma_history = sigma_history[:-1]
             if done:
                 final_cost = float(costs[taken])
             params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
             prev = (prev_params, prev_state, has_prev)
-            snap = _Progress(len(history), params, state, history, int(fallbacks), int(min_rank))
+            snap = _Progress(len(history), params, state, history, int(fallbacks), int(min_rank),
+                             sigma_history)
             bar.n = snap.step
             bar.set_postfix(cost=f"{history[-1] if history else float('nan'):.3e}")
             if every is not None and not bad and snap.step % every == 0:
@@ -374,7 +394,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     history = np.asarray(snap.costs + (final_cost,))
     result = FitResult(snap.params, snap.state, history, snap.step,
                        bool(eps is not None and final_cost <= eps), snap.fallback_steps,
-                       snap.min_rank, resumed_from)
+                       snap.min_rank, resumed_from, np.asarray(snap.sigmas, float))
     if bad:
         what = ("the cost became non-finite" if rolled_back or not math.isfinite(final_cost)
                 else "the update gave non-finite parameters")
@@ -413,13 +433,13 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
             except (TypeError, ValueError):
                 raise TypeError("batches must yield (inputs, targets) pairs") from None
             batch_problem = problem.with_data(inputs, targets)
-            cost, new_params, new_state, params_ok, fallback, rank = _batch_step(
+            cost, new_params, new_state, params_ok, fallback, rank, sigma = _batch_step(
                 optimizer, batch_problem, snap.params, snap.state, use_grad)
             cost = float(cost)
             if not math.isfinite(cost):
                 if prev is not None:  # the previous step led somewhere the model is not finite
                     snap = _Progress(snap.step - 1, *prev, snap.costs[:-1], snap.fallback_steps,
-                                     snap.min_rank)
+                                     snap.min_rank, snap.sigmas[:-1])
                 failure = "the cost became non-finite"
                 break
             if eps is not None and cost <= eps:
@@ -432,7 +452,8 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
             prev = (snap.params, snap.state)
             snap = _Progress(snap.step + 1, new_params, new_state, snap.costs + (cost,),
                              snap.fallback_steps + int(bool(fallback)),
-                             int(_merge_rank(jnp.asarray(snap.min_rank, jnp.int32), rank)))
+                             int(_merge_rank(jnp.asarray(snap.min_rank, jnp.int32), rank)),
+                             snap.sigmas + (float(sigma),))
             bar.update(1)
             bar.set_postfix(cost=f"{cost:.3e}")
             if every is not None and snap.step % every == 0:
@@ -448,7 +469,8 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
         _save(checkpoint, snap)
     costs = snap.costs + ((last_cost,) if converged else ())
     result = FitResult(snap.params, snap.state, np.asarray(costs), snap.step, converged,
-                       snap.fallback_steps, snap.min_rank, resumed_from)
+                       snap.fallback_steps, snap.min_rank, resumed_from,
+                       np.asarray(snap.sigmas, float))
     if failure is not None:
         raise NonFiniteError(_finite_cost_message(failure, snap.step).replace("step", "batch", 1),
                              result)

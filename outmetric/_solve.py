@@ -495,6 +495,34 @@ def singular_values(lin: Linearization) -> Float[Array, " r"]:
     return jnp.linalg.svd(lin.jacobian, compute_uv=False)
 
 
+def smallest_singular_value(lin: Linearization, rtol: float | None = None
+                            ) -> tuple[Float[Array, ""], Int[Array, ""]]:
+    r"""$(\sigma_{\min(M,K)}(D), \operatorname{rank} D)$ from the Gram's eigenvalues; (-1, -1) if matrix-free.
+
+    Uses the Gram matrix of the smaller side (the one the Cholesky solve caches, or formed from
+    a dense D): $\sigma_{\min} = \sqrt{\max(\mu_{\min}, 0)}$, and the rank counts the
+    eigenvalues above $\max(\mathrm{rtol}^2, n\epsilon)\,\mu_{\max}$ as `_eigh` does. One
+    $O(n^3)$ `eigvalsh`, $n = \min(M, K)$, a few times the cost of the Cholesky factorization.
+    Unlike the damped Cholesky's pivots, the eigenvalues see rank loss whatever the damping.
+    Values below about $\sqrt{n\epsilon}\,\sigma_{\max}$ are round-off of the Gram and read
+    as (near) zero, which is what a rank-loss monitor needs. A matrix-free linearization has
+    no Gram: (-1, -1) says "not estimated".
+    """
+    dtype = lin.flat_params.dtype
+    if lin.gram is not None:
+        gram = lin.gram
+    elif lin.jacobian is not None:
+        jac = lin.jacobian
+        gram = jac @ jac.T if lin.shape[0] <= lin.shape[1] else jac.T @ jac
+    else:
+        return jnp.asarray(-1.0, dtype), jnp.asarray(-1, jnp.int32)
+    rtol = default_rtol(*lin.shape, dtype) if rtol is None else rtol
+    mu = jnp.linalg.eigvalsh(0.5 * (gram + gram.T))
+    cut = max(rtol**2, gram.shape[0] * float(jnp.finfo(gram.dtype).eps)) * mu[-1]
+    rank = jnp.sum(mu > cut).astype(jnp.int32)
+    return jnp.sqrt(jnp.maximum(mu[0], 0.0)).astype(dtype), rank
+
+
 def project_horizontal(lin: Linearization, v: Float[Array, " K"], *, solver: str = "auto",
                        rtol: float | None = None) -> Float[Array, " K"]:
     r"""$D^+D\,v$, the orthogonal projection of $v \in \mathbb{R}^K$ onto range $D^\top$ (= ker D⊥).

@@ -35,6 +35,7 @@ from ._solve import (
     linearize,
     plan_solve,
     prepare_preconditioner,
+    smallest_singular_value,
     solve,
 )
 
@@ -118,13 +119,15 @@ class ScaleByOutputMetricState(NamedTuple):
 
     `solver` is the method the last update used, as an index into `outmetric.SOLVERS`
     (``om.SOLVERS[int(state.solver)]``; -1 before the first update), so what `"auto"` picked
-    can be read back.
+    can be read back. `min_singular_value` is σ_min(D) at the last update when
+    `track_min_singular_value=True` (-1 when not estimated).
     """
 
     rank: Int[Array, ""]
     fallback: Bool[Array, ""]
     converged: Bool[Array, ""]
     solver: Int[Array, ""] = np.asarray(-1, np.int32)
+    min_singular_value: Float[Array, ""] = np.asarray(-1.0)
 
 
 def scale_by_output_metric(
@@ -139,6 +142,7 @@ def scale_by_output_metric(
     preconditioner: str | None = None,
     preconditioner_rank: int | None = None,
     memory_budget: int | None = None,
+    track_min_singular_value: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replace the gradient by the output-metric direction $D^+ (N\nabla_x C)$.
 
@@ -163,17 +167,25 @@ def scale_by_output_metric(
       model has dense layers and the wide side is solved), `"structured"` or `"jacobian"`.
     - `preconditioner`, `preconditioner_rank`: for CG: None, `"jacobi"` or `"nystrom"`.
     - `memory_budget`: bytes that `"auto"` may plan for (default: half the free memory).
+    - `track_min_singular_value`: also record σ_min(D) in the state each update, so rank loss
+      shows before it happens, and take `state.rank` from the same eigenvalues
+      (`outmetric._solve.smallest_singular_value`: an `eigvalsh` of the Gram, dense solves
+      only; -1 for matrix-free ones). Without it the rank is the solve's estimate, which under
+      damping λ counts the directions λ props up (Cholesky pivots cannot tell them apart).
     """
     _check_solver(solver)
     _check_nonnegative("damping", damping)
+    _check_flag("track_min_singular_value", track_min_singular_value)
     _check_solve_options(rtol, cg_tol, cg_max_steps)
     _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
                          memory_budget)
 
     def init_fn(params):
         check_params(params)
+        dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
         return ScaleByOutputMetricState(jnp.asarray(-1, jnp.int32), jnp.asarray(False),
-                                        jnp.asarray(True), jnp.asarray(-1, jnp.int32))
+                                        jnp.asarray(True), jnp.asarray(-1, jnp.int32),
+                                        jnp.asarray(-1.0, dtype))
 
     def update_fn(updates, state, params=None, **extra_args):
         del updates, state
@@ -188,11 +200,27 @@ def scale_by_output_metric(
                        preconditioner_rank=preconditioner_rank)
         direction = lin.unravel(result.delta)
         direction = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), direction, params)
-        return direction, ScaleByOutputMetricState(result.rank, result.fallback, result.converged,
-                                                   _solver_code(method))
+        rank, sigma = _spectrum_report(lin, result, track_min_singular_value, rtol)
+        return direction, ScaleByOutputMetricState(rank, result.fallback, result.converged,
+                                                   _solver_code(method), sigma)
 
     GRADIENT_FREE.add(update_fn)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _spectrum_report(lin, result: SolveResult, track: bool, rtol) -> tuple[Array, Array]:
+    """(rank, σ_min(D)) for the state: the solve's rank and -1 untracked, else both from the
+    Gram's eigenvalues (where there is a Gram; the solve's rank otherwise)."""
+    dtype = lin.flat_params.dtype
+    if not track:
+        return result.rank, jnp.asarray(-1.0, dtype)
+    sigma, rank = smallest_singular_value(lin, rtol)
+    return jnp.where(rank >= 0, rank, result.rank), sigma
 
 
 def _linearize(problem, params, damping, solver, chunk_size=None, gram="auto",
@@ -211,10 +239,14 @@ class OutputMetricDescentState(NamedTuple):
     - `damping`: λ used by the last accepted step (adaptive: the next try starts from it).
     - `damping_growth`: the Levenberg–Marquardt growth factor ν for the next rejection.
     - `step_size`: the fraction of the step finally taken (0 when no decrease was found).
-    - `rank`, `fallback`: what the last solve reported.
+    - `rank`, `fallback`: what the last solve reported (`rank` from the Gram eigenvalues with
+      `track_min_singular_value=True`; the Cholesky estimate, blind to damped directions,
+      otherwise).
     - `cost`: C before the last step.
     - `solver`: the method of the last step, an index into `outmetric.SOLVERS`
       (``om.SOLVERS[int(state.solver)]``; -1 before the first step): what `"auto"` picked.
+    - `min_singular_value`: σ_min(D) before the last step with `track_min_singular_value=True`
+      (-1 when not estimated).
     """
 
     count: Int[Array, ""]
@@ -225,6 +257,7 @@ class OutputMetricDescentState(NamedTuple):
     fallback: Bool[Array, ""]
     cost: Float[Array, ""]
     solver: Int[Array, ""] = np.asarray(-1, np.int32)
+    min_singular_value: Float[Array, ""] = np.asarray(-1.0)
 
 
 def output_metric_descent(
@@ -243,6 +276,7 @@ def output_metric_descent(
     preconditioner: str | None = None,
     preconditioner_rank: int | None = None,
     memory_budget: int | None = None,
+    track_min_singular_value: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Output-metric descent: the discretised adapted flow with safeguards.
 
@@ -277,6 +311,8 @@ def output_metric_descent(
     - `rtol`, `cg_tol`, `cg_max_steps`, `chunk_size`, `gram`, `preconditioner`,
       `preconditioner_rank`, `memory_budget`: as in `scale_by_output_metric`. The Gram (or
       the preconditioner) is formed once per update and reused by every λ tried.
+    - `track_min_singular_value`: record σ_min(D) in `state.min_singular_value` each step (as
+      in `scale_by_output_metric`); `fit` collects it into `FitResult.min_singular_values`.
 
     Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
     """
@@ -301,6 +337,7 @@ def output_metric_descent(
     ):
         raise ValueError(f"max_linesearch_steps must be a positive integer, got {max_linesearch_steps!r}")
     _check_nonnegative("initial_damping", initial_damping)
+    _check_flag("track_min_singular_value", track_min_singular_value)
     _check_solve_options(rtol, cg_tol, cg_max_steps)
     _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
                          memory_budget)
@@ -313,7 +350,7 @@ def output_metric_descent(
         return OutputMetricDescentState(
             jnp.asarray(0, jnp.int32), lam, jnp.asarray(2.0, dtype), jnp.asarray(0.0, dtype),
             jnp.asarray(-1, jnp.int32), jnp.asarray(False), jnp.asarray(jnp.inf, dtype),
-            jnp.asarray(-1, jnp.int32),
+            jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0, dtype),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -358,9 +395,10 @@ def output_metric_descent(
                 step, taken = eta * result.delta, jnp.asarray(1.0, dtype)
         new_updates = lin.unravel(-step)
         new_updates = jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), new_updates, params)
+        rank, sigma = _spectrum_report(lin, result, track_min_singular_value, rtol)
         new_state = OutputMetricDescentState(
-            state.count + 1, lam, nu, taken, result.rank, result.fallback, cost0,
-            _solver_code(method),
+            state.count + 1, lam, nu, taken, rank, result.fallback, cost0, _solver_code(method),
+            sigma,
         )
         return new_updates, new_state
 

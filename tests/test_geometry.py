@@ -102,6 +102,31 @@ def test_spectrum_rank_and_regime_match_dense_svd(overparam, duplicated):
     assert "rank-lost: rank D = 13 < min(QN, K) = 21" in str(info)
 
 
+@pytest.mark.parametrize("solver", ["cholesky", "qr"])
+def test_fit_records_the_smallest_singular_value_each_step(overparam, duplicated, solver):
+    """σ_min(D) per step equals the dense SVD's at the params each step started from; at a
+    split-unit network it is zero to round-off (rank lost), and untracked runs report -1."""
+    problem, params = overparam
+    seen = []
+    opt = om.output_metric_descent(damping=1e-8, solver=solver, track_min_singular_value=True)
+    result = om.fit(problem, params, opt, max_steps=4, chunk_size=1, progress=False,
+                    callback=lambda step, p, state, cost: seen.append(p) and False)
+    assert result.min_singular_values.shape == (result.num_steps,) == (4,)
+    starts = [params] + seen[:-1]
+    for sigma, start in zip(result.min_singular_values, starts):
+        reference = np.linalg.svd(np.asarray(problem.jacobian(start)), compute_uv=False)
+        assert sigma == pytest.approx(reference[-1], rel=1e-8)
+
+    plain = om.fit(problem, params, om.output_metric_descent(), max_steps=2, progress=False)
+    np.testing.assert_array_equal(plain.min_singular_values, [-1.0, -1.0])
+
+    problem, _, big = duplicated["noisy"]
+    result = om.fit(problem, big, opt, max_steps=1, progress=False)
+    spectrum = np.asarray(om.jacobian_spectrum(problem, big))
+    assert result.min_singular_values[0] <= 1e-6 * spectrum[0]
+    assert result.min_rank == 13
+
+
 # ----------------------------------------------------------------------------- sub-Riemannian split
 
 
