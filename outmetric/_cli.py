@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress,
             compare=args.compare, compare_seconds=args.compare_seconds,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         print(f"outmetric demo: error: {err}", file=sys.stderr)
         return 2
     print()

@@ -1,9 +1,10 @@
 """`fit`: a compiled training loop for any optax optimizer on a `Problem`, full-batch or
 mini-batch, that never returns non-finite parameters as a success and can checkpoint and resume."""
 
+import hashlib
 import math
-import numbers
 import os
+import warnings
 from typing import Any, Callable, Iterable, NamedTuple
 
 import equinox as eqx
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ._checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from ._errors import NonFiniteError
-from ._problem import Problem, check_params
+from ._problem import Problem, check_params, static_real
 from ._transform import (
     GRADIENT_FREE,
     OutputMetricDescentState,
@@ -85,9 +86,9 @@ def _is_solve_state(x) -> bool:
     return isinstance(x, (OutputMetricDescentState, ScaleByOutputMetricState))
 
 
-def _solve_report(state) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(any SVD fallback, smallest rank estimate or -1, smallest σ_min(D) or -1) over the
-    outmetric states inside `state`.
+def _solve_report(state) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(any SVD fallback, smallest rank estimate or -1, smallest σ_min(D) or -1, all solves
+    finite) over the outmetric states inside `state`.
 
     Finds `OutputMetricDescentState`/`ScaleByOutputMetricState` however the optimizer nests
     them (`optax.chain`, `inject_hyperparams`, `apply_if_finite`, ...).
@@ -95,7 +96,7 @@ def _solve_report(state) -> tuple[jax.Array, jax.Array, jax.Array]:
     states = [s for s in jax.tree_util.tree_leaves(state, is_leaf=_is_solve_state)
               if _is_solve_state(s)]
     if not states:
-        return jnp.asarray(False), jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0)
+        return jnp.asarray(False), jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0), jnp.asarray(True)
     fallback = jnp.any(jnp.stack([jnp.asarray(s.fallback, bool) for s in states]))
     ranks = jnp.stack([jnp.asarray(s.rank, jnp.int32) for s in states])
     known = ranks >= 0
@@ -103,7 +104,8 @@ def _solve_report(state) -> tuple[jax.Array, jax.Array, jax.Array]:
     sigmas = jnp.stack([jnp.asarray(s.min_singular_value) for s in states])
     seen = sigmas >= 0
     sigma = jnp.where(jnp.any(seen), jnp.min(jnp.where(seen, sigmas, jnp.inf)), -1.0)
-    return fallback, rank.astype(jnp.int32), sigma
+    finite = jnp.all(jnp.stack([jnp.asarray(s.finite, bool) for s in states]))
+    return fallback, rank.astype(jnp.int32), sigma, finite
 
 
 def _merge_rank(current, new):
@@ -138,7 +140,9 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
     undone (`rolled_back`). Non-finite new params are never taken.
 
     Returns (steps taken, carry, costs before each step (length `chunk`), σ_min(D) of each
-    step's solve (length `chunk`, -1 where not estimated), done, bad, rolled_back). Only `chunk` is static, so every chunk of every `fit` call with that chunk
+    step's solve (length `chunk`, -1 where not estimated), done, bad, rolled_back,
+    solve_bad). `solve_bad`: the last step's output-metric solve met NaN or inf (in D or the
+    residual), so the step was not taken and the run cannot go on. Only `chunk` is static, so every chunk of every `fit` call with that chunk
     size reuses one compilation, and where chunks end does not change the arithmetic.
     """
     params = carry[0]
@@ -147,20 +151,21 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
     sigmas = jnp.full(chunk, -1.0, dtype)
 
     def cond(loop):
-        i, _, _, _, done, bad, _ = loop
+        i, _, _, _, done, bad, _, _ = loop
         return (i < num) & ~done & ~bad
 
     def body(loop):
-        i, carry, costs, sigmas, _, _, _ = loop
+        i, carry, costs, sigmas, _, _, _, _ = loop
         params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
         cost, new_params, new_state, params_ok = _step(optimizer, problem, params, state,
                                                        use_grad)
         costs = costs.at[i].set(cost.astype(dtype))
         cost_ok = jnp.isfinite(cost)
         done = cost_ok & (cost <= eps)
-        advance = cost_ok & params_ok & ~done
+        fallback, rank, sigma, solve_ok = _solve_report(new_state)
+        solve_bad = cost_ok & ~done & ~solve_ok
+        advance = cost_ok & params_ok & solve_ok & ~done
         rolled_back = ~cost_ok & has_prev
-        fallback, rank, sigma = _solve_report(new_state)
         sigmas = sigmas.at[i].set(sigma.astype(dtype))
         carry = (
             _select(advance, new_params, _select(rolled_back, prev_params, params)),
@@ -172,15 +177,15 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
             jnp.where(advance, _merge_rank(min_rank, rank), min_rank),
         )
         return (i + advance.astype(i.dtype), carry, costs, sigmas, done, ~advance & ~done,
-                rolled_back)
+                rolled_back, solve_bad)
 
     init = (jnp.asarray(0, jnp.int32), carry, costs, sigmas, jnp.asarray(False),
-            jnp.asarray(False), jnp.asarray(False))
+            jnp.asarray(False), jnp.asarray(False), jnp.asarray(False))
     return jax.lax.while_loop(cond, body, init)
 
 
 def _is_real_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return static_real(value) is not None
 
 
 def _is_positive_int(value) -> bool:
@@ -225,15 +230,17 @@ def fit(
     - `checkpoint_dir`: a folder (created if missing) where ``checkpoint.npz`` holds params,
       optimizer state, step count and cost history. It is written atomically (temporary file,
       then rename) every `checkpoint_every` steps, when the run ends (also by `NonFiniteError`)
-      and when it is interrupted by `KeyboardInterrupt`; a run killed outright leaves the last
-      one readable. Read it with `load_checkpoint`.
+      and when an exception stops it (`KeyboardInterrupt`, a failing callback); a run killed
+      outright leaves the last one readable. Read it with `load_checkpoint`.
     - `checkpoint_every`: steps between checkpoints (default: every chunk); chunks also end
       at these steps.
     - `resume`: if `checkpoint_dir` holds a checkpoint, continue from it (default). The
       continued run is the same computation: its parameters and cost history equal those of an
       uninterrupted run bit for bit (on the same machine and JAX version). With `batches`, the
       first `step` batches of the iterable are skipped, so it must yield the same sequence
-      again. A checkpoint written with another model or optimizer is a `CheckpointError`.
+      again. A checkpoint written with another model, optimizer state layout or data
+      (inputs, targets, loss: a SHA-256 of them is stored) is a `CheckpointError`; changed
+      optimizer hyperparameters with the same state layout cannot be detected.
       `resume=False` starts afresh and overwrites the checkpoint.
 
     Precision follows `params`: JAX computes in float32 unless float64 is switched on
@@ -253,6 +260,7 @@ def fit(
         raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
     if eps is not None and (not _is_real_number(eps) or not eps > 0 or not math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    eps = None if eps is None else float(eps)
     if not _is_positive_int(max_steps):
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
     if chunk_size is not None and not _is_positive_int(chunk_size):
@@ -276,11 +284,18 @@ def fit(
                              "inf at the initial params")
     state = optimizer.init(params)
     start = _Progress(0, params, state, (), 0, -1, ())
+    fingerprint = _data_fingerprint(problem) if checkpoint is not None else None
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         saved = load_checkpoint(checkpoint, params, state)
         if len(saved.costs) != saved.step:
             raise CheckpointError(f"checkpoint {checkpoint!r} has {len(saved.costs)} costs for "
                                   f"{saved.step} steps; it was not written by fit")
+        stored = saved.extra.get("data_fingerprint")
+        if stored is not None and str(stored) != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {checkpoint!r} was written for other data (inputs, targets or "
+                "loss differ from problem's): resuming would mix two runs. Pass resume=False "
+                "to start afresh, or another checkpoint_dir")
         sigmas = saved.extra.get("min_singular_values", np.full(saved.step, -1.0))
         start = _Progress(saved.step, saved.params, saved.opt_state, tuple(saved.costs.tolist()),
                           int(saved.extra.get("fallback_steps", 0)),
@@ -291,8 +306,20 @@ def fit(
     chunk = int(chunk_size or 10)
     every = int(checkpoint_every or chunk) if checkpoint is not None else None
     run = _fit_batches if batches is not None else _fit_full
+    checkpoint = None if checkpoint is None else (checkpoint, fingerprint)
     return run(problem, optimizer, start, eps, max_steps, callback, progress, chunk, batches,
                use_grad, checkpoint, every)
+
+
+def _data_fingerprint(problem: Problem) -> str:
+    """SHA-256 of the loss, the shapes and dtypes and (where this host can read them) the bytes
+    of the inputs and targets: what a checkpoint must have been trained on to be resumed."""
+    digest = hashlib.sha256(f"{problem.loss}|{problem.batched}".encode())
+    for leaf in jax.tree_util.tree_leaves((problem.inputs, problem.targets)):
+        digest.update(f"{jnp.shape(leaf)}|{jnp.asarray(leaf).dtype}".encode())
+        if getattr(leaf, "is_fully_addressable", True):
+            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
 
 
 def _checkpoint_path(checkpoint_dir, checkpoint_every, resume) -> str | None:
@@ -327,13 +354,30 @@ class _Progress(NamedTuple):
 
 
 def _save(checkpoint, snap: _Progress) -> int | None:
-    """Checkpoint `snap` (when checkpointing); returns the step saved."""
+    """Checkpoint `snap` to `checkpoint` = (path, data fingerprint), if given; returns the step
+    saved."""
     if checkpoint is None:
         return None
-    save_checkpoint(checkpoint, snap.params, snap.state, snap.step, snap.costs,
+    path, fingerprint = checkpoint
+    save_checkpoint(path, snap.params, snap.state, snap.step, snap.costs,
                     extra={"fallback_steps": snap.fallback_steps, "min_rank": snap.min_rank,
-                           "min_singular_values": np.asarray(snap.sigmas, float)})
+                           "min_singular_values": np.asarray(snap.sigmas, float),
+                           "data_fingerprint": fingerprint})
     return snap.step
+
+
+def _warn_rank_loss(problem: Problem, result: FitResult) -> None:
+    """A `RuntimeWarning` when solves of this run fell back to the rank-revealing SVD."""
+    if result.fallback_steps == 0:
+        return
+    num_params = jax.flatten_util.ravel_pytree(result.params)[0].shape[0]
+    full = min(problem.num_samples * problem.output_dim, num_params)
+    warnings.warn(
+        f"fit: {result.fallback_steps} step(s) had a singular or too ill-conditioned Gram "
+        f"matrix and fell back to the SVD pseudo-inverse (smallest rank of D estimated: "
+        f"{result.min_rank} of min(QN, K) = {full}): rank is lost there. FitResult."
+        "fallback_steps and .min_rank say so; track_min_singular_value=True records σ_min(D) "
+        "per step", RuntimeWarning, stacklevel=3)
 
 
 def _finite_cost_message(what: str, step: int) -> str:
@@ -350,7 +394,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     # The params before the last step, to undo a step that leads to a non-finite cost.
     prev = (snap.params, snap.state, jnp.asarray(False))
     bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="step")
-    done = bad = rolled_back = stopped = False
+    done = bad = rolled_back = stopped = solve_bad = False
     final_cost = None
     try:
         while snap.step < max_steps and not (done or bad or stopped):
@@ -359,10 +403,11 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
                 num = min(num, every - snap.step % every)
             carry = (snap.params, snap.state, *prev, jnp.asarray(snap.fallback_steps, jnp.int32),
                      jnp.asarray(snap.min_rank, jnp.int32))
-            taken, carry, costs, sigmas, done_c, bad_c, back_c = _run_chunk(
+            taken, carry, costs, sigmas, done_c, bad_c, back_c, solve_bad_c = _run_chunk(
                 optimizer, problem, carry, jnp.asarray(num), eps_value, use_grad, chunk
             )
             taken, done, bad, rolled_back = int(taken), bool(done_c), bool(bad_c), bool(back_c)
+            solve_bad = bool(solve_bad_c)
             costs = np.asarray(costs)
             history = snap.costs + tuple(costs[:taken].tolist())
             sigma_history = snap.sigmas + tuple(np.asarray(sigmas)[:taken].tolist())
@@ -382,7 +427,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             if callback is not None and callback(snap.step, snap.params, snap.state,
                                                  history[-1] if history else float("nan")):
                 stopped = True
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, a failing callback, a traced error: keep the progress
         _save(checkpoint, snap)
         raise
     finally:
@@ -395,9 +440,14 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     result = FitResult(snap.params, snap.state, history, snap.step,
                        bool(eps is not None and final_cost <= eps), snap.fallback_steps,
                        snap.min_rank, resumed_from, np.asarray(snap.sigmas, float))
+    _warn_rank_loss(problem, result)
     if bad:
-        what = ("the cost became non-finite" if rolled_back or not math.isfinite(final_cost)
-                else "the update gave non-finite parameters")
+        if solve_bad:
+            what = "the output-metric solve met NaN or inf in the Jacobian or the residual"
+        elif rolled_back or not math.isfinite(final_cost):
+            what = "the cost became non-finite"
+        else:
+            what = "the update gave non-finite parameters"
         raise NonFiniteError(_finite_cost_message(what, snap.step), result)
     return result
 
@@ -433,7 +483,7 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
             except (TypeError, ValueError):
                 raise TypeError("batches must yield (inputs, targets) pairs") from None
             batch_problem = problem.with_data(inputs, targets)
-            cost, new_params, new_state, params_ok, fallback, rank, sigma = _batch_step(
+            cost, new_params, new_state, params_ok, fallback, rank, sigma, solve_ok = _batch_step(
                 optimizer, batch_problem, snap.params, snap.state, use_grad)
             cost = float(cost)
             if not math.isfinite(cost):
@@ -445,6 +495,9 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
             if eps is not None and cost <= eps:
                 last_cost = cost
                 converged = True
+                break
+            if not bool(solve_ok):
+                failure = "the output-metric solve met NaN or inf in the Jacobian or the residual"
                 break
             if not bool(params_ok):
                 failure = "the update gave non-finite parameters"
@@ -460,7 +513,7 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
                 saved_at = _save(checkpoint, snap)
             if callback is not None and callback(snap.step, snap.params, snap.state, cost):
                 break
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, a failing callback, a traced error: keep the progress
         _save(checkpoint, snap)
         raise
     finally:
@@ -471,6 +524,7 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
     result = FitResult(snap.params, snap.state, np.asarray(costs), snap.step, converged,
                        snap.fallback_steps, snap.min_rank, resumed_from,
                        np.asarray(snap.sigmas, float))
+    _warn_rank_loss(problem, result)
     if failure is not None:
         raise NonFiniteError(_finite_cost_message(failure, snap.step).replace("step", "batch", 1),
                              result)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
-from ._problem import Problem, _check_finite, check_params
+from ._problem import Problem, _check_finite, check_params, static_real
 from ._solve import SOLVERS, linearize, output_metric_gradient, resolve_solver, solve
 
 
@@ -68,12 +68,15 @@ class AdaptedFlow(AbstractFlow):
     def __check_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver={self.solver!r} is not a known solver; choose one of {list(SOLVERS)}")
+        damping = static_real(self.damping)
+        if damping is not None and not 0 <= damping < float("inf"):
+            raise ValueError(f"damping must be >= 0 and finite, got {self.damping}")
 
     def __call__(self, t, params, args=None):
-        direction, _, _ = output_metric_gradient(
+        direction, result, _ = output_metric_gradient(
             self.problem, params, damping=self.damping, solver=self.solver, rtol=self.rtol
         )
-        return jax.tree_util.tree_map(lambda d: -d, direction)
+        return _flag_nonfinite(jax.tree_util.tree_map(lambda d: -d, direction), result)
 
 
 class HomotopyFlow(AbstractFlow):
@@ -100,13 +103,14 @@ class HomotopyFlow(AbstractFlow):
             raise ValueError(f"solver={self.solver!r} is not a known solver; choose one of {list(SOLVERS)}")
 
     def __call__(self, t, params, args=None):
-        direction, _, lin = output_metric_gradient(self.problem, params, solver=self.solver,
-                                                   rtol=self.rtol)
+        direction, result, lin = output_metric_gradient(self.problem, params, solver=self.solver,
+                                                        rtol=self.rtol)
         grad_x = self.problem.output_gradient(lin.outputs).reshape(-1)
         gradient = lin.unravel(lin.rmatvec(grad_x))  # D^T ∇ₓC = ∇_θ C from the same linearization
         alpha = jnp.asarray(self.alpha, lin.flat_params.dtype)
-        return jax.tree_util.tree_map(lambda g, d: -(1 - alpha) * g - alpha * d, gradient,
-                                      direction)
+        velocity = jax.tree_util.tree_map(lambda g, d: -(1 - alpha) * g - alpha * d, gradient,
+                                          direction)
+        return _flag_nonfinite(velocity, result)
 
 
 class InterpolationFlow(AbstractFlow):
@@ -139,7 +143,13 @@ class InterpolationFlow(AbstractFlow):
         method = resolve_solver(self.solver, 0, num_rows, flat.shape[0], flat.dtype)
         lin = linearize(self.problem, params, method=method)
         result = solve(lin, self.displacement.reshape(-1), solver=method, rtol=self.rtol)
-        return lin.unravel(result.delta)
+        return _flag_nonfinite(lin.unravel(result.delta), result)
+
+
+def _flag_nonfinite(velocity: PyTree, result) -> PyTree:
+    """NaN where the solve met non-finite data (it returns a zero δ then), so the ODE solver
+    rejects the step and `integrate` reports it, instead of the flow silently standing still."""
+    return jax.tree_util.tree_map(lambda v: jnp.where(result.finite, v, jnp.nan), velocity)
 
 
 def standard_flow(problem: Problem) -> StandardFlow:
@@ -158,7 +168,7 @@ def adapted_flow(problem: Problem, *, damping: float = 0.0, solver: str = "auto"
     _check_problem(problem)
     if isinstance(damping, bool) or not (isinstance(damping, numbers.Real) or hasattr(damping, "dtype")):
         raise TypeError(f"damping must be a number >= 0, got {damping!r}")
-    if isinstance(damping, numbers.Real) and not 0 <= damping < float("inf"):
+    if static_real(damping) is not None and not 0 <= static_real(damping) < float("inf"):
         raise ValueError(f"damping must be >= 0 and finite, got {damping}")
     if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, numbers.Real)
                              or not 0 < rtol < 1):

@@ -2,7 +2,6 @@
 
 import itertools
 import math
-import numbers
 import threading
 import warnings
 from typing import Any, NamedTuple
@@ -17,7 +16,7 @@ from jaxtyping import Array, Float, PyTree
 
 from ._errors import NonFiniteError
 from ._flows import AbstractFlow, adapted_flow
-from ._problem import Problem, check_params
+from ._problem import Problem, check_params, static_real
 from ._solve import output_metric_gradient
 
 
@@ -198,6 +197,10 @@ def integrate(
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if t1 is not None and (not _is_real(t1) or not t1 > 0 or not math.isfinite(t1)):
         raise ValueError(f"t1 must be a positive finite time, got {t1!r}")
+    eps = None if eps is None else float(eps)
+    t1 = None if t1 is None else float(t1)
+    if solver is not None and not isinstance(solver, diffrax.AbstractSolver):
+        raise TypeError(f"solver must be a diffrax solver such as diffrax.Tsit5(), got {solver!r}")
     if not _is_positive_int(max_steps):
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
     if ts is None and not _is_positive_int(num_saves):
@@ -243,6 +246,8 @@ def integrate(
         ts = jnp.asarray(ts, dtype)
         if ts.ndim != 1 or ts.size == 0:
             raise ValueError(f"ts must be a non-empty 1-D array of times, got shape {ts.shape}")
+        if not bool(jnp.all(jnp.isfinite(ts))):
+            raise ValueError("ts must be finite times; it contains NaN or inf")
         if bool(jnp.any(ts < 0)) or bool(jnp.any(ts > end)) or bool(jnp.any(jnp.diff(ts) < 0)):
             raise ValueError(f"ts must be sorted times inside [0, {end}]")
 
@@ -312,7 +317,8 @@ def integrate(
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A real number the host can read now (Python, NumPy, or a concrete 0-d array)."""
+    return static_real(value) is not None
 
 
 def _is_positive_int(value) -> bool:

@@ -7,6 +7,7 @@ the Jacobian-vector and vector-Jacobian products the matrix-free solvers use. No
 solves anything: that is `outmetric._solve`.
 """
 
+import numbers
 from typing import Callable
 
 import equinox as eqx
@@ -23,6 +24,21 @@ def _is_concrete(x) -> bool:
     """True for a value the host can inspect: not a tracer, and (for a `jax.Array` sharded over
     several processes, as after `jax.distributed.initialize`) fully addressable from this one."""
     return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
+def static_real(value) -> float | None:
+    """`value` as a float when the host can read it now: a real Python or NumPy number or a
+    concrete 0-d real array (not bool); None for a tracer or anything else. Argument checks
+    use it so ``np.float32(-1)`` or ``jnp.asarray(2.0)`` is checked like ``-1.0`` or ``2.0``."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    if (dtype is not None and np.ndim(value) == 0 and _is_concrete(value)
+            and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))):
+        return float(value)
+    return None
 
 
 def _check_finite(name: str, tree) -> None:
@@ -49,8 +65,8 @@ def _describe(x) -> str:
 def check_params(params: PyTree) -> None:
     """Static checks on a parameter pytree: non-empty, real floating leaves, finite values.
 
-    Raises ``TypeError`` for integer, boolean or complex leaves and ``ValueError`` for an empty
-    tree or non-finite values; each message names ``params``.
+    Raises ``TypeError`` for integer, boolean, complex or half-precision leaves and
+    ``ValueError`` for an empty tree or non-finite values; each message names ``params``.
     """
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
@@ -71,6 +87,12 @@ def check_params(params: PyTree) -> None:
             raise TypeError(
                 f"params leaf {jax.tree_util.keystr(path)} has dtype {dtype}; "
                 "params must be floating point arrays (cast with .astype(float))"
+            )
+        if jnp.finfo(dtype).bits < 32:
+            raise TypeError(
+                f"params leaf {jax.tree_util.keystr(path)} has dtype {dtype}; the output-metric "
+                "solves (Cholesky, QR, eigh) need float32 or float64 params (cast with "
+                ".astype(jnp.float32))"
             )
     _check_finite("params", params)
 
@@ -203,6 +225,9 @@ class Problem(eqx.Module):
             if len(shape) != 1:
                 raise ValueError(f"residual_fn must return shape (m,), got {shape}")
             num_residuals = shape[0]
+        if (isinstance(num_residuals, bool) or not isinstance(num_residuals, (int, np.integer))
+                or num_residuals < 1):
+            raise ValueError(f"num_residuals must be a positive integer, got {num_residuals!r}")
         targets = jnp.zeros((int(num_residuals), 1))
         return cls(None, None, targets, residual_fn=residual_fn)
 

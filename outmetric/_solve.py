@@ -108,6 +108,9 @@ class SolveResult(NamedTuple):
     - `fallback`: whether the rank-revealing SVD fallback was taken.
     - `converged`: False only when an iterative solve stopped before its tolerance.
     - `num_steps`: iterations of a matrix-free solve (0 for the direct methods).
+    - `finite`: False when the data of the solve (D, its products, or the right-hand side) held
+      NaN or inf. `delta` is then zero (never NaN), and callers must not read it as a step:
+      the flows turn it into a non-finite velocity, `fit` into a `NonFiniteError`.
     """
 
     delta: Float[Array, " K"]
@@ -115,6 +118,7 @@ class SolveResult(NamedTuple):
     fallback: Bool[Array, ""]
     converged: Bool[Array, ""]
     num_steps: Int[Array, ""] = np.asarray(0, np.int32)
+    finite: Bool[Array, ""] = np.asarray(True)
 
 
 class Linearization(NamedTuple):
@@ -374,7 +378,7 @@ def linearize(problem: Problem, params: PyTree, *, method: str = "qr",
         return Linearization(x, flat, unravel, jac, None, None, gram_matrix, diagonal)
 
     def stacked(f):
-        return problem.outputs(unravel(f)).reshape(-1)
+        return problem.outputs(unravel(f)).reshape(-1).astype(flat.dtype)
 
     out, jvp = jax.linearize(stacked, flat)
     transpose = jax.linear_transpose(jvp, flat)
@@ -455,16 +459,21 @@ def solve(
     rhs = rhs.reshape(-1).astype(dtype)
     lam = jnp.asarray(damping, dtype)
     if method == "cholesky":
-        return _cholesky(lin, rhs, lam, rtol)
-    if method == "qr":
-        return _qr(lin.jacobian, rhs, damping, rtol)
-    if method == "svd":
-        return _svd(lin.jacobian, rhs, lam, rtol, fallback=False)
-    if cg_tol is None:
-        cg_tol = 1e-10 if dtype == jnp.float64 else 1e-5
-    if method == "lsmr":
-        return _lsmr(lin, rhs, damping, cg_tol, cg_max_steps)
-    return _cg(lin, rhs, lam, cg_tol, cg_max_steps, preconditioner, preconditioner_rank)
+        result = _cholesky(lin, rhs, lam, rtol)
+    elif method == "qr":
+        result = _qr(lin.jacobian, rhs, damping, rtol)
+    elif method == "svd":
+        result = _svd(lin.jacobian, rhs, lam, rtol, fallback=False)
+    else:
+        if cg_tol is None:
+            cg_tol = 1e-10 if dtype == jnp.float64 else 1e-5
+        if method == "lsmr":
+            result = _lsmr(lin, rhs, damping, cg_tol, cg_max_steps)
+        else:
+            result = _cg(lin, rhs, lam, cg_tol, cg_max_steps, preconditioner, preconditioner_rank)
+    # Never a NaN step: a non-finite solution (from non-finite data) becomes zero, flagged.
+    finite = result.finite & jnp.all(jnp.isfinite(result.delta)) & jnp.all(jnp.isfinite(rhs))
+    return result._replace(delta=jnp.where(finite, result.delta, 0.0), finite=finite)
 
 
 def _method_for(lin: Linearization, solver: str, damping) -> str:
@@ -594,7 +603,7 @@ def _eigh(lin: Linearization, gram, rhs, lam, rtol) -> SolveResult:
         delta = vecs @ (filt * (vecs.T @ lin.rmatvec(rhs)))
     finite = jnp.all(jnp.isfinite(delta))
     return SolveResult(jnp.where(finite, delta, 0.0), jnp.sum(keep).astype(jnp.int32),
-                       jnp.asarray(True), finite)
+                       jnp.asarray(True), finite, finite=finite)
 
 
 def _qr(jac, rhs, damping, rtol) -> SolveResult:
@@ -732,10 +741,13 @@ def _cg(lin: Linearization, rhs, lam, tol, max_steps, preconditioner=None,
     sol = lx.linear_solve(operator, vector, cg, options=options, throw=False)
     delta = lin.rmatvec(sol.value) if wide else sol.value
     converged = sol.result == lx.RESULTS.successful
-    finite = jnp.all(jnp.isfinite(delta))
+    # lineax's CG reads a NaN residual norm as converged and returns its zero start; one more
+    # Gram product, the final residual, sees non-finite data in D (and checks convergence).
+    residual = vector - operator.mv(sol.value)
+    finite = jnp.all(jnp.isfinite(delta)) & jnp.all(jnp.isfinite(residual))
     delta = jnp.where(finite, delta, 0.0)
     return SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite,
-                       jnp.asarray(sol.stats["num_steps"], jnp.int32))
+                       jnp.asarray(sol.stats["num_steps"], jnp.int32), finite)
 
 
 def _dense_diagonal(lin: Linearization, wide: bool):
@@ -766,7 +778,7 @@ def _lsmr(lin: Linearization, rhs, damping, tol, max_steps) -> SolveResult:
     finite = jnp.all(jnp.isfinite(delta))
     delta = jnp.where(finite, delta, 0.0)
     return SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite,
-                       jnp.asarray(sol.stats["num_steps"], jnp.int32))
+                       jnp.asarray(sol.stats["num_steps"], jnp.int32), finite)
 
 
 def output_metric_gradient(

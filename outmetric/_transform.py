@@ -25,9 +25,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-from ._problem import Problem, check_params
 from ._gram import GRAM_METHODS
-from ._problem import check_chunk_size
+from ._problem import Problem, check_chunk_size, check_params, static_real
 from ._solve import (
     PRECONDITIONERS,
     SOLVERS,
@@ -65,7 +64,8 @@ def _check_nonnegative(name: str, value) -> None:
     # Numbers may arrive as arrays (optax.inject_hyperparams injects every numeric argument).
     if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "dtype")):
         raise TypeError(f"{name} must be a number >= 0, got {value!r}")
-    if isinstance(value, (int, float)) and not 0 <= value < float("inf"):
+    number = static_real(value)
+    if number is not None and not 0 <= number < float("inf"):
         raise ValueError(f"{name} must be >= 0 and finite, got {value}")
 
 
@@ -120,7 +120,8 @@ class ScaleByOutputMetricState(NamedTuple):
     `solver` is the method the last update used, as an index into `outmetric.SOLVERS`
     (``om.SOLVERS[int(state.solver)]``; -1 before the first update), so what `"auto"` picked
     can be read back. `min_singular_value` is σ_min(D) at the last update when
-    `track_min_singular_value=True` (-1 when not estimated).
+    `track_min_singular_value=True` (-1 when not estimated). `finite` is False when the last
+    solve met NaN or inf in D or the residual (the direction is then zero).
     """
 
     rank: Int[Array, ""]
@@ -128,6 +129,7 @@ class ScaleByOutputMetricState(NamedTuple):
     converged: Bool[Array, ""]
     solver: Int[Array, ""] = np.asarray(-1, np.int32)
     min_singular_value: Float[Array, ""] = np.asarray(-1.0)
+    finite: Bool[Array, ""] = np.asarray(True)
 
 
 def scale_by_output_metric(
@@ -185,7 +187,7 @@ def scale_by_output_metric(
         dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
         return ScaleByOutputMetricState(jnp.asarray(-1, jnp.int32), jnp.asarray(False),
                                         jnp.asarray(True), jnp.asarray(-1, jnp.int32),
-                                        jnp.asarray(-1.0, dtype))
+                                        jnp.asarray(-1.0, dtype), jnp.asarray(True))
 
     def update_fn(updates, state, params=None, **extra_args):
         del updates, state
@@ -202,7 +204,7 @@ def scale_by_output_metric(
         direction = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), direction, params)
         rank, sigma = _spectrum_report(lin, result, track_min_singular_value, rtol)
         return direction, ScaleByOutputMetricState(rank, result.fallback, result.converged,
-                                                   _solver_code(method), sigma)
+                                                   _solver_code(method), sigma, result.finite)
 
     GRADIENT_FREE.add(update_fn)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -247,6 +249,8 @@ class OutputMetricDescentState(NamedTuple):
       (``om.SOLVERS[int(state.solver)]``; -1 before the first step): what `"auto"` picked.
     - `min_singular_value`: σ_min(D) before the last step with `track_min_singular_value=True`
       (-1 when not estimated).
+    - `finite`: False when the last solve met NaN or inf in D or the residual; no step was
+      taken then, and `fit` stops with a `NonFiniteError`.
     """
 
     count: Int[Array, ""]
@@ -258,6 +262,7 @@ class OutputMetricDescentState(NamedTuple):
     cost: Float[Array, ""]
     solver: Int[Array, ""] = np.asarray(-1, np.int32)
     min_singular_value: Float[Array, ""] = np.asarray(-1.0)
+    finite: Bool[Array, ""] = np.asarray(True)
 
 
 def output_metric_descent(
@@ -324,7 +329,8 @@ def output_metric_descent(
         _check_nonnegative("damping", damping)
     if isinstance(learning_rate, bool):
         raise TypeError(f"learning_rate must be a number in (0, 1] or an optax schedule, got {learning_rate!r}")
-    if isinstance(learning_rate, (int, float)) and not 0 < learning_rate <= 1:
+    rate = static_real(learning_rate)
+    if rate is not None and not 0 < rate <= 1:
         raise ValueError(f"learning_rate must lie in (0, 1], got {learning_rate}")
     if not (callable(learning_rate) or isinstance(learning_rate, (int, float))
             or hasattr(learning_rate, "dtype")):
@@ -332,8 +338,9 @@ def output_metric_descent(
     if linesearch not in ("backtracking", None):
         raise ValueError(f"linesearch must be 'backtracking' or None, got {linesearch!r}")
     # Numbers may arrive as arrays (optax.inject_hyperparams injects every numeric argument).
-    if isinstance(max_linesearch_steps, (int, float)) and not (
-        float(max_linesearch_steps).is_integer() and max_linesearch_steps >= 1
+    tries = static_real(max_linesearch_steps)
+    if (tries is None and not hasattr(max_linesearch_steps, "dtype")) or (
+        tries is not None and not (tries.is_integer() and tries >= 1)
     ):
         raise ValueError(f"max_linesearch_steps must be a positive integer, got {max_linesearch_steps!r}")
     _check_nonnegative("initial_damping", initial_damping)
@@ -350,7 +357,7 @@ def output_metric_descent(
         return OutputMetricDescentState(
             jnp.asarray(0, jnp.int32), lam, jnp.asarray(2.0, dtype), jnp.asarray(0.0, dtype),
             jnp.asarray(-1, jnp.int32), jnp.asarray(False), jnp.asarray(jnp.inf, dtype),
-            jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0, dtype),
+            jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0, dtype), jnp.asarray(True),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -369,16 +376,18 @@ def output_metric_descent(
             eta = eqx.error_if(eta, ~((eta >= 0) & (eta <= 1)),
                                "output_metric_descent: the learning_rate (schedule) gave a value "
                                "outside [0, 1]")
-        residual = _residual_vector(problem, lin.outputs)
+        # In the parameters' dtype: float32 params on float64 data compute in float64 but keep a
+        # float32 state.
+        residual = _residual_vector(problem, lin.outputs).astype(dtype)
         grad_x = residual / problem.num_samples
-        cost0 = problem.cost_from_outputs(lin.outputs)
+        cost0 = problem.cost_from_outputs(lin.outputs).astype(dtype)
 
         def solve_with(lam):
             return solve(lin, residual, damping=lam, solver=method, rtol=rtol, cg_tol=cg_tol,
                          cg_max_steps=cg_max_steps, preconditioner=pre)
 
         def trial_cost(step):
-            return problem.cost(lin.unravel(lin.flat_params - step))
+            return problem.cost(lin.unravel(lin.flat_params - step)).astype(dtype)
 
         if adaptive:
             step, lam, nu, taken, result = _levenberg_marquardt(
@@ -393,12 +402,15 @@ def output_metric_descent(
                                          max_linesearch_steps)
             else:
                 step, taken = eta * result.delta, jnp.asarray(1.0, dtype)
+        # A solve that met NaN or inf returned a zero δ: no step is taken, and none is claimed.
+        step = jnp.where(result.finite, step, 0.0)
+        taken = jnp.where(result.finite, taken, 0.0).astype(dtype)
         new_updates = lin.unravel(-step)
         new_updates = jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), new_updates, params)
         rank, sigma = _spectrum_report(lin, result, track_min_singular_value, rtol)
         new_state = OutputMetricDescentState(
             state.count + 1, lam, nu, taken, rank, result.fallback, cost0, _solver_code(method),
-            sigma,
+            sigma, result.finite & jnp.isfinite(cost0),
         )
         return new_updates, new_state
 
@@ -438,7 +450,7 @@ def _levenberg_marquardt(lin, solve_with, trial_cost, state, eta, grad_x, cost0,
     else:  # matrix-free: Hutchinson estimate of ‖D‖_F² from one Rademacher probe
         probe = jax.random.rademacher(jax.random.PRNGKey(0), (num_rows,), dtype)
         scale = jnp.sum(lin.rmatvec(probe) ** 2) / num_rows
-    scale = jnp.maximum(scale, jnp.finfo(dtype).tiny)
+    scale = jnp.maximum(scale, jnp.finfo(dtype).tiny).astype(dtype)
     # Below this floor the damped Gram's Cholesky pivots lose all accuracy (and would send the
     # solve to its SVD fallback); above the cap the step underflows.
     floor = 10.0 * max(num_rows, num_params) * float(jnp.finfo(dtype).eps) * scale
@@ -468,7 +480,8 @@ def _levenberg_marquardt(lin, solve_with, trial_cost, state, eta, grad_x, cost0,
         new_lam = jnp.where(accepted, lam * shrink, lam * nu)
         new_nu = jnp.where(accepted, 2.0, 2.0 * nu)
         lam_out = jnp.clip(new_lam, floor, cap)
-        return (i + 1, lam_out, new_nu, accepted, jnp.where(accepted, step, zero_step), result)
+        return (i + 1, lam_out.astype(dtype), new_nu.astype(dtype), accepted,
+                jnp.where(accepted, step, zero_step).astype(dtype), result)
 
     init = (0, lam0, state.damping_growth, jnp.asarray(False), zero_step, no_result)
     _, lam, nu, accepted, step, result = jax.lax.while_loop(cond, body, init)

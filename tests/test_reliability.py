@@ -206,6 +206,35 @@ BAD_INPUTS = [
                                                "--out", t), CLIError,
      r"data file .*no\.csv.* does not exist"),
     ("CLI: unknown command", lambda t: cli("train"), CLIError, r"invalid choice: 'train'"),
+    ("CLI: --out is an existing file", lambda t: cli("demo", "--out", write_file(t, "o")),
+     CLIError, r"outmetric demo: error: .*o"),
+    ("fit: float16 params", lambda t: fit(P, {"w": jnp.ones(2, jnp.float16)}), TypeError,
+     r"params leaf \['w'\] has dtype float16"),
+    ("output_metric_descent: NumPy negative damping",
+     lambda t: om.output_metric_descent(damping=np.float32(-1)), ValueError,
+     r"damping must be >= 0"),
+    ("output_metric_descent: 0-d array learning rate 2",
+     lambda t: om.output_metric_descent(jnp.asarray(2.0)), ValueError,
+     r"learning_rate must lie in \(0, 1\]"),
+    ("output_metric_descent: string max_linesearch_steps",
+     lambda t: om.output_metric_descent(max_linesearch_steps="3"), ValueError,
+     r"max_linesearch_steps must be a positive integer"),
+    ("scale_by_output_metric: array negative damping",
+     lambda t: om.scale_by_output_metric(damping=jnp.asarray(-1.0)), ValueError,
+     r"damping must be >= 0"),
+    ("adapted_flow: AdaptedFlow built directly with negative damping",
+     lambda t: om.AdaptedFlow(P, -1.0), ValueError, r"damping must be >= 0"),
+    ("integrate: a solver that is not a diffrax solver",
+     lambda t: om.integrate(P, S, t1=1.0, solver="tsit5"), TypeError,
+     r"solver must be a diffrax solver"),
+    ("integrate: NaN in ts", lambda t: om.integrate(P, S, t1=1.0, ts=jnp.array([0.0, jnp.nan])),
+     ValueError, r"ts must be finite times"),
+    ("Problem: from_residual with a negative num_residuals",
+     lambda t: om.Problem.from_residual(lambda p: p, num_residuals=-1), ValueError,
+     r"num_residuals must be a positive integer"),
+    ("Problem: from_residual with a fractional num_residuals",
+     lambda t: om.Problem.from_residual(lambda p: p, num_residuals=2.5), ValueError,
+     r"num_residuals must be a positive integer"),
 ]
 
 
@@ -223,6 +252,38 @@ def test_the_table_covers_every_entry_point():
                     "optimizer update", "CLI", "load_checkpoint"}
     assert entry_points <= covered
     assert len(BAD_INPUTS) >= 15
+
+
+def test_concrete_array_scalars_are_accepted_where_numbers_are():
+    eps = jnp.asarray(1e-3)
+    assert fit(P, S, eps=eps, max_steps=3).num_steps <= 3
+    assert om.integrate(P, S, eps=eps).costs[-1] <= 1e-3 * (1 + 1e-6)
+
+
+def test_float32_params_on_float64_data_keep_their_dtype():
+    """flax-style float32 params with x64 switched on: the state and the result stay float32."""
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), S)
+    for optimizer in (om.output_metric_descent(), om.output_metric_descent(damping=1e-6),
+                      om.output_metric_descent(solver="cg")):
+        result = fit(P, params, optimizer, max_steps=5)
+        assert result.costs[-1] < 1e-2 * result.costs[0]
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(result.params)} == {
+            np.dtype(np.float32)}
+    traj = om.integrate(P, params, t1=1.0)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(traj.params))
+
+
+def test_a_failing_callback_leaves_a_checkpoint_of_the_progress_made(tmp_path):
+    def callback(step, params, state, cost):
+        if step == 6:
+            raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        fit(P, S, max_steps=20, chunk_size=2, callback=callback, checkpoint_dir=tmp_path,
+            checkpoint_every=100)
+    saved = om.load_checkpoint(os.path.join(tmp_path, "checkpoint.npz"), S,
+                               om.output_metric_descent().init(S))
+    assert saved.step == 6 and len(saved.costs) == 6
 
 
 # --------------------------------------------------- rank loss and ill-conditioning, both dtypes
@@ -277,6 +338,7 @@ def test_the_hard_problems_are_hard():
 #: Made once, so that the compiled loops are shared by the runs below.
 UNDAMPED = {None: om.output_metric_descent(damping=0.0),
             1e-10: om.output_metric_descent(damping=0.0, rtol=1e-10)}
+TRACKED = om.output_metric_descent(track_min_singular_value=True)
 
 
 @pytest.mark.parametrize("make", [rank_deficient_problem, ill_conditioned_problem],
@@ -293,18 +355,26 @@ def test_hard_problems_run_to_completion_with_a_reported_fallback(make, double):
         # noisy, so directions with σ < 1e-10·σ_max are declared lost (`rtol`).
         rtol = 1e-10 if double else None
         # The undamped step -D⁺(x - y): the Gram is (numerically) singular, the solve falls back.
-        undamped = om.fit(problem, params, UNDAMPED[rtol], max_steps=20, progress=False)
+        with pytest.warns(RuntimeWarning, match="fell back to the SVD pseudo-inverse"):
+            undamped = om.fit(problem, params, UNDAMPED[rtol], max_steps=20, progress=False)
         # The default: Levenberg–Marquardt damping.
         damped = om.fit(problem, params, max_steps=20, progress=False)
+        # The default damping props the lost directions up, so its Cholesky pivots cannot see
+        # the rank loss; tracking σ_min (Gram eigenvalues) does.
+        tracked = om.fit(problem, params, TRACKED, max_steps=20, progress=False)
         flow = om.adapted_flow(problem, rtol=rtol)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             traj = om.integrate(problem, params, flow=flow, t1=10.0 * num_rows)
-    for result in (undamped, damped):
+    for result in (undamped, damped, tracked):
         assert all_finite(result.params) and np.all(np.isfinite(result.costs))
         assert all(leaf.dtype == dtype for leaf in jax.tree_util.tree_leaves(result.params))
         assert result.costs[-1] < result.costs[0]
     assert undamped.fallback_steps > 0 and 0 <= undamped.min_rank < num_rows
+    assert 0 <= tracked.min_rank < num_rows
+    sigmas = tracked.min_singular_values
+    assert sigmas.shape == (tracked.num_steps,) and np.all(sigmas >= 0)
+    assert sigmas.min() <= 1e-3 * float(om.jacobian_spectrum(problem, params)[0])
     assert traj.result == "successful" and all_finite(traj.params)
     assert traj.costs.dtype == dtype and traj.costs[-1] < traj.costs[0]
     assert bool(jnp.all(traj.fallback)) and int(traj.rank[-1]) < num_rows
@@ -388,7 +458,31 @@ def test_a_non_finite_jacobian_gives_a_zero_step_not_nan():
     opt = om.output_metric_descent(damping=1e-3)
     updates, state = opt.update(None, opt.init(params), params, problem=problem)
     assert all(bool(jnp.all(u == 0)) for u in jax.tree_util.tree_leaves(updates))
-    assert float(state.step_size) == 0.0
+    assert float(state.step_size) == 0.0 and not bool(state.finite)
+
+
+@pytest.mark.parametrize("optimizer", [
+    om.output_metric_descent(),
+    om.output_metric_descent(damping=1e-3),
+    om.output_metric_descent(solver="cg"),
+    optax.chain(om.scale_by_output_metric(solver="lsmr"), optax.scale(-0.5)),
+], ids=["default", "backtracking", "cg", "chain-lsmr"])
+def test_a_non_finite_jacobian_stops_fit_instead_of_stalling(optimizer):
+    """Every solve path masks a non-finite solution to a zero step; `fit` must not take that for
+    a stalled run: it stops at once with the last finite state."""
+    problem, params, _ = poisoned_batches()
+    with pytest.raises(om.NonFiniteError, match=r"solve met NaN or inf") as info:
+        om.fit(problem, params, optimizer, max_steps=50, progress=False)
+    result = info.value.result
+    assert result.num_steps == 0 and all_finite(result.params)
+
+
+@pytest.mark.parametrize("solver", ["qr", "cg", "lsmr"])
+def test_integrate_does_not_stand_still_on_a_non_finite_jacobian(solver):
+    problem, params, _ = poisoned_batches()
+    with pytest.raises(om.NonFiniteError, match=r"velocity was NaN or inf"):
+        om.integrate(problem, params, flow=om.adapted_flow(problem, solver=solver), t1=5.0,
+                     max_steps=50)
 
 
 def test_integrate_raises_when_the_flow_runs_into_non_finite_values():
@@ -494,6 +588,16 @@ def test_checkpoint_of_another_optimizer_is_refused(tmp_path):
     with pytest.raises(om.CheckpointError, match="different opt_state tree"):
         om.fit(problem, params, optax.adam(1e-2), max_steps=4, checkpoint_dir=tmp_path,
                progress=False)
+
+
+def test_checkpoint_of_other_data_is_refused(tmp_path):
+    problem, params = make_problem("tanh_mlp", n=8, q=2, width=8)
+    fit(problem, params, max_steps=2, checkpoint_dir=tmp_path)
+    shifted = problem.with_data(problem.inputs, problem.targets + 1.0)
+    with pytest.raises(om.CheckpointError, match="written for other data"):
+        fit(shifted, params, max_steps=4, checkpoint_dir=tmp_path)
+    assert fit(shifted, params, max_steps=4, checkpoint_dir=tmp_path, resume=False).num_steps == 4
+    assert fit(shifted, params, max_steps=6, checkpoint_dir=tmp_path).resumed_from == 4
 
 
 def test_mini_batch_run_resumes_on_the_same_batches(tmp_path):
