@@ -45,6 +45,10 @@ def shard_samples(problem: Problem, mesh: Mesh, axis: str | tuple[str, ...] | No
 
     N must be divisible by the number of devices along `axis` (a ``ValueError`` otherwise):
     pad or trim the batch, or use a mesh that divides it.
+
+    Several hosts: call ``jax.distributed.initialize()`` first in every process, build `mesh`
+    over ``jax.devices()``, and build `problem` from global arrays
+    (``jax.make_array_from_process_local_data``); see the module docstring.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")

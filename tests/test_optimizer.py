@@ -139,6 +139,13 @@ def test_tall_side_solvers_agree():
         opt = om.scale_by_output_metric(solver=solver, damping=0.0, cg_tol=1e-13)
         step = ravel_pytree(opt.update(None, opt.init(params), params, problem=problem)[0])[0]
         assert_relative(step, reference, 1e-8)
+    # Damped: Dᵀ(DDᵀ + λI)⁻¹r (the wide formula, dense reference) from the K × K solve.
+    for damping in [1e-3, 1.0]:
+        wide = jac.T @ jnp.linalg.solve(jac @ jac.T + damping * jnp.eye(jac.shape[0]), rhs)
+        for solver in ["cholesky", "qr", "svd"]:
+            opt = om.scale_by_output_metric(solver=solver, damping=damping)
+            step = ravel_pytree(opt.update(None, opt.init(params), params, problem=problem)[0])[0]
+            assert_relative(step, wide, 1e-10)
 
 
 def test_composes_with_inject_hyperparams_schedule_and_apply_if_finite():
@@ -147,6 +154,33 @@ def test_composes_with_inject_hyperparams_schedule_and_apply_if_finite():
     _, state, costs = run(injected, problem, params, 3)
     assert float(state.hyperparams["learning_rate"]) == 0.5
     assert costs[-1] < costs[0]
+
+    # A learning rate changed in the injected state mid-run takes effect, without recompiling:
+    # on a model linear in θ the residual shrinks by exactly 1 − η each step.
+    linear, linear_params = overparametrised_linear_problem()
+    injected = optax.inject_hyperparams(om.output_metric_descent)(
+        learning_rate=0.5, damping=0.0, linesearch=None)
+    update = jax.jit(injected.update)
+    state = injected.init(linear_params)
+    residual = linear.outputs(linear_params) - linear.targets
+    for eta in [0.5, 0.25, 0.75]:
+        state.hyperparams["learning_rate"] = jnp.asarray(eta)
+        updates, state = update(None, state, linear_params, problem=linear)
+        linear_params = optax.apply_updates(linear_params, updates)
+        new_residual = linear.outputs(linear_params) - linear.targets
+        np.testing.assert_allclose(new_residual, (1 - eta) * residual, atol=1e-10, rtol=0)
+        residual = new_residual
+    assert update._cache_size() == 1
+
+    # In a jitted optax.chain behind gradient clipping: the clip sees the gradient, the step
+    # is output-metric descent's own (it does not read the clipped gradient).
+    chained = optax.chain(optax.clip_by_global_norm(1e-3), om.output_metric_descent())
+    plain = om.output_metric_descent()
+    grads = jax.grad(problem.cost)(params)
+    chained_updates, _ = jax.jit(chained.update)(grads, chained.init(params), params,
+                                                 problem=problem)
+    plain_updates, _ = plain.update(grads, plain.init(params), params, problem=problem)
+    assert_relative(ravel_pytree(chained_updates)[0], ravel_pytree(plain_updates)[0], 1e-12)
 
     linear, linear_params = overparametrised_linear_problem()
     schedule = optax.linear_schedule(0.5, 0.9, 1)  # η_0 = 0.5, then 0.9
@@ -160,6 +194,13 @@ def test_composes_with_inject_hyperparams_schedule_and_apply_if_finite():
     updates, state = guarded.update(nan_grads, state, params, problem=problem)
     assert all(bool(jnp.all(u == 0)) for u in jax.tree_util.tree_leaves(updates))
     assert int(state.notfinite_count) == 1
+    # With finite gradients the guarded optimizer takes exactly the unguarded step.
+    grads = jax.grad(problem.cost)(params)
+    updates, state = guarded.update(grads, state, params, problem=problem)
+    plain = om.output_metric_descent()
+    expected, _ = plain.update(grads, plain.init(params), params, problem=problem)
+    assert int(state.notfinite_count) == 0
+    assert_relative(ravel_pytree(updates)[0], ravel_pytree(expected)[0], 1e-12)
 
 
 def test_jitted_update_does_not_recompile():

@@ -25,7 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import outmetric as om
-from helpers import make_problem
+from helpers import MODELS, make_problem
 
 assert jax.device_count() == 8, jax.devices()
 problem, params = make_problem("tanh_mlp", n=16, q=2)  # QN = 32 rows, K = 402
@@ -58,10 +58,24 @@ def steps(params, problem):
         out.append(ravel_pytree(direction)[0])
     return out
 
-errors = {}
-for (name, damping, _), step in zip(MODES, steps(params, sharded)):
-    reference = damped if damping else undamped
-    errors[name] = float(np.linalg.norm(np.asarray(step) - reference) / np.linalg.norm(reference))
+def mode_errors(problem, params, prefix=""):
+    sharded = om.shard_samples(problem, mesh)
+    jac = np.asarray(problem.jacobian(params))
+    residual = np.asarray(problem.outputs(params) - problem.targets).reshape(-1)
+    damped = jac.T @ np.linalg.solve(jac @ jac.T + lam * np.eye(jac.shape[0]), residual)
+    undamped = np.linalg.pinv(jac) @ residual
+    out = {}
+    for (name, damping, _), step in zip(MODES, steps(params, sharded)):
+        reference = damped if damping else undamped
+        out[prefix + name] = float(np.linalg.norm(np.asarray(step) - reference)
+                                   / np.linalg.norm(reference))
+    return out
+
+errors = mode_errors(problem, params)
+# The rest of the shared registry (its own structure detection falls back where it must).
+for model in sorted(MODELS):
+    if model != "tanh_mlp":
+        errors.update(mode_errors(*make_problem(model, n=16, q=2), prefix=model + ": "))
 
 # The default optimizer (adaptive Levenberg–Marquardt), sharded against one device.
 opt = om.output_metric_descent()
