@@ -1,6 +1,7 @@
 """The benchmark command: every method on every problem, in one process.
 
     python -m benchmarks.run [--quick] [--problems NAME ...] [--methods NAME ...] [--out DIR]
+    python -m benchmarks.run --from-results DIR [--out DIR2]   # re-render only, runs nothing
 
 Writes, under `--out` (default `benchmarks/results`):
 
@@ -9,8 +10,14 @@ Writes, under `--out` (default `benchmarks/results`):
 - `<problem>.png`: C/C(0) against wall time and against steps (log scales), and the error
   metric against wall time where the problem has one;
 - `summary.md`: one table per problem and the targets of issues #3 and #5, met or missed, with
-  the measured ratios; `summary.json`: the same numbers; `summary.png`: time to target, final
-  cost and memory for every problem and method.
+  the measured ratios; `summary.json`: the same numbers; `summary.png`: time and steps to
+  target, cost (and error) at a fixed time budget, and memory for every problem and method.
+
+The fixed time budget T of a problem is its per-run budget (`budget_seconds`; the PINN's Adam
+gets 80 s instead of 10 s, T stays 10 s). A run's cost and error at T are those of the last
+trace point with seconds ≤ T; a run that stopped earlier (at its target, or diverged) keeps its
+final value. `--from-results DIR` rebuilds the summary and every plot from the `<problem>.json`
+files in DIR (into `--out`, by default DIR itself) without running anything.
 
 Times are wall-clock seconds of training only: each method's chunk of steps is compiled and
 run once before the clock starts. float64 throughout. `--quick` builds small problems with
@@ -118,22 +125,66 @@ def _fmt_sci(x):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2e}"
 
 
-def _downsample(trace, max_points=150):
-    """Keep at most `max_points` trace points, log-spaced in the step count, with the ends."""
+def _downsample(trace, max_points=150, keep_seconds=None):
+    """Keep at most about `max_points` trace points, log-spaced in the step count, with the ends
+    and the last point at or before `keep_seconds` (the fixed budget), if given."""
     if len(trace) <= max_points:
         return trace
     steps = np.array([p[0] for p in trace], float)
     marks = np.unique(np.geomspace(1, steps[-1] + 1, max_points).astype(int) - 1)
-    keep = sorted({0, len(trace) - 1} | {int(np.searchsorted(steps, m)) for m in marks})
-    return [trace[i] for i in keep if i < len(trace)]
+    keep = {0, len(trace) - 1} | {int(np.searchsorted(steps, m)) for m in marks}
+    if keep_seconds is not None:
+        keep.add(_index_at(trace, keep_seconds))
+    return [trace[i] for i in sorted(keep) if i < len(trace)]
+
+
+def _index_at(trace, seconds):
+    """Index of the last trace point with time ≤ `seconds` (the first point is at 0 s)."""
+    i = 0
+    for j, p in enumerate(trace):
+        if p[1] <= seconds:
+            i = j
+        else:
+            break
+    return i
+
+
+def _num(x):
+    """A trace value as a float (None stays None)."""
+    return None if x is None else float(x)
+
+
+def add_fixed_budget(data: dict) -> dict:
+    """Cost and error of every run at the problem's fixed time budget T (in place).
+
+    T is the problem's per-run budget `budget_seconds` (families with a longer budget, Adam on
+    the PINN, are cut at T). Each run gets the last trace point with seconds ≤ T:
+    `cost_at_budget`, `relative_cost_at_budget`, `error_at_budget` (None without an error
+    metric), `budget_point` (its step and time) and `stopped_before_budget` (the run ended on
+    its own before T, at its target or diverged, so these are its final values).
+    """
+    budget = float(data["budget_seconds"])
+    data["fixed_budget_seconds"] = budget
+    for row in data["runs"].values():
+        trace = row["trace"]
+        step, seconds, cost, error = trace[_index_at(trace, budget)]
+        row["budget_point"] = {"step": int(step), "seconds": float(seconds)}
+        row["cost_at_budget"] = _num(cost)
+        row["relative_cost_at_budget"] = float(cost) / data["cost0"]
+        row["error_at_budget"] = _num(error)
+        row["stopped_before_budget"] = row["status"] != "budget" and trace[-1][1] <= budget
+    return data
 
 
 def _final_error(r: Run):
     return r.trace[-1][3]
 
 
-def summarise(bp: BenchProblem, runs: list[Run]) -> dict:
-    """Thresholds, time to target for every run, and the best member of each sweep."""
+def summarise(bp: BenchProblem, runs: list[Run], fixed_budget: float | None = None) -> dict:
+    """Thresholds, time to target for every run, and the best member of each sweep.
+
+    The stored traces are downsampled; they keep the point a run had reached at `fixed_budget`.
+    """
     cost0 = bp.cost0
     finite = [float(np.nanmin(r.costs)) for r in runs if np.isfinite(np.nanmin(r.costs))]
     best_cost = min(finite) if finite else float("nan")
@@ -164,7 +215,7 @@ def summarise(bp: BenchProblem, runs: list[Run]) -> dict:
             "steps_to_target": None if hit is None else hit[0],
             "seconds_to_target": None if hit is None else hit[1],
             "error_targets": {},
-            "trace": [list(p) for p in _downsample(r.trace)],
+            "trace": [list(p) for p in _downsample(r.trace, keep_seconds=fixed_budget)],
         }
         for e in bp.error_targets:
             hit_e = time_to_error(r, e)
@@ -251,6 +302,9 @@ def plot_problem(path: str, data: dict) -> None:
     for ax in axes[:2]:
         ax.axhline(data["threshold"] / cost0, color="gray", ls=":", lw=1)
         ax.set_ylabel("C / C(0)")
+    fixed = data.get("fixed_budget_seconds", data["budget_seconds"])
+    for ax in (axes[0], axes[2]) if has_error else (axes[0],):
+        ax.axvline(fixed, color="gray", ls="--", lw=0.8)
     axes[0].set_xlabel("wall time [s] (after compilation)")
     axes[1].set_xlabel("steps")
     if has_error:
@@ -270,53 +324,99 @@ def plot_problem(path: str, data: dict) -> None:
     plt.close(fig)
 
 
+def _summary_bars(data: dict, row: dict) -> dict:
+    """One method's bars in summary.png: time and steps to target, values at T, memory."""
+    if data["error_targets"]:  # the PINN: the tightest error target
+        hit = row["error_targets"][f"{min(data['error_targets']):g}"]
+        seconds_to, steps_to = (None, None) if hit is None else (hit["seconds"], hit["steps"])
+    else:
+        seconds_to, steps_to = row["seconds_to_target"], row["steps_to_target"]
+    reached = seconds_to is not None
+
+    def finite(x):
+        return x if x is not None and math.isfinite(x) else np.nan
+
+    return {
+        "time": seconds_to if reached else row["seconds"],
+        "steps": max(steps_to if reached else row["steps"], 1),
+        "missed": not reached,
+        "cost": finite(row["relative_cost_at_budget"]),
+        "error": finite(row["error_at_budget"]),
+        "stopped": row["stopped_before_budget"],
+        "memory": finite(row["memory_mb"]),
+    }
+
+
 def plot_summary(path: str, results: dict) -> None:
-    """Grouped bars per problem: time to target, final C/C(0), memory."""
+    """Grouped bars per problem: time and steps to target, C/C(0) and error at the fixed budget
+    T, memory."""
     plt = _pyplot()
+    for data in results.values():
+        if "fixed_budget_seconds" not in data:
+            add_fixed_budget(data)
     problems = list(results)
     families = list(dict.fromkeys(f for d in results.values() for f in d["best_of_family"]))
-    fig, axes = plt.subplots(3, 1, figsize=(13, 10), sharex=True)
+    panels = [
+        ("time", "time to target [s]\n(PINN: error ≤ 1e-6;\nhatched: not reached,\n"
+                 "bar = time spent)"),
+        ("steps", "steps to target\n(hatched: not reached,\nbar = steps taken)"),
+        ("cost", "C / C(0) at T\n(hollow: stopped before T,\nits final value)"),
+        ("error", "error at T\n(hollow: stopped\nbefore T)"),
+        ("memory", "XLA memory of a\ncompiled chunk [MiB]"),
+    ]
+    with_error = [bool(results[p]["error_targets"]) for p in problems]
+    if not any(with_error):
+        panels = [pn for pn in panels if pn[0] != "error"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 2.6 * len(panels) + 1.2), sharex=True)
     width = 0.8 / max(len(families), 1)
     x = np.arange(len(problems))
+    nan = {"time": np.nan, "steps": np.nan, "missed": False, "cost": np.nan, "error": np.nan,
+           "stopped": False, "memory": np.nan}
     for j, family in enumerate(families):
         color = _STYLE.get(family, (None,))[0]
-        t, c, m, missed = [], [], [], []
+        bars_of = []
         for p in problems:
             d = results[p]
             name = d["best_of_family"].get(family)
             row = d["runs"].get(name) if name else None
-            if row is None:
-                t.append(np.nan), c.append(np.nan), m.append(np.nan), missed.append(False)
-                continue
-            if d["error_targets"]:  # the PINN: time to the tightest error target
-                hit = row["error_targets"][f"{min(d['error_targets']):g}"]
-                seconds_to = None if hit is None else hit["seconds"]
-            else:
-                seconds_to = row["seconds_to_target"]
-            reached = seconds_to is not None
-            t.append(seconds_to if reached else row["seconds"])
-            missed.append(not reached)
-            c.append(row["final_relative_cost"] if math.isfinite(row["final_relative_cost"])
-                     else np.nan)
-            m.append(row["memory_mb"] if row["memory_mb"] is not None else np.nan)
+            bars_of.append(nan if row is None else _summary_bars(d, row))
         pos = x - 0.4 + (j + 0.5) * width
-        bars = axes[0].bar(pos, t, width, color=color, label=family)
-        for bar, miss in zip(bars, missed):
-            if miss:
-                bar.set_hatch("//")
-                bar.set_alpha(0.45)
-        axes[1].bar(pos, c, width, color=color)
-        axes[2].bar(pos, m, width, color=color)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("time to target [s]\n(PINN: error ≤ 1e-6;\nhatched: not reached,\nbar = time spent)")
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("final C / C(0)")
-    axes[2].set_yscale("log")
-    axes[2].set_ylabel("XLA memory of a\ncompiled chunk [MiB]")
-    axes[2].set_xticks(x, problems)
+        for ax, (key, _) in zip(axes, panels):
+            values = [b[key] for b in bars_of]
+            bars = ax.bar(pos, values, width, color=color, label=family if key == "time" else None)
+            for i, (bar, b, value) in enumerate(zip(bars, bars_of, values)):
+                if key in ("time", "steps") and b["missed"]:
+                    bar.set_hatch("//")
+                    bar.set_alpha(0.45)
+                if key not in ("cost", "error") or b is nan:
+                    continue
+                if not math.isfinite(value) and (key == "cost" or with_error[i]):
+                    ax.text(bar.get_x() + bar.get_width() / 2, 0.02, "×", color=color,
+                            ha="center", va="bottom", fontsize=9,
+                            transform=ax.get_xaxis_transform())
+                elif b["stopped"]:
+                    bar.set_facecolor("none")
+                    bar.set_edgecolor(color)
+    for ax, (key, label) in zip(axes, panels):
+        ax.set_yscale("log")
+        ax.set_ylabel(label, fontsize=9)
+    if "error" in dict(panels):
+        ax = axes[[k for k, _ in panels].index("error")]
+        for i, has in enumerate(with_error):
+            if not has:
+                ax.text(i, 0.5, "no error metric", ha="center", va="center", color="gray",
+                        fontsize=8, transform=ax.get_xaxis_transform())
+    labels = [f"{p}\nT = {results[p]['fixed_budget_seconds']:g} s" for p in problems]
+    axes[-1].set_xticks(x, labels)
+    longer = [f"{fam} on {p} ran {b:g} s" for p in problems
+              for fam, b in results[p].get("family_budgets", {}).items()
+              if b > results[p]["fixed_budget_seconds"]]
+    axes[0].set_title("T: the problem's per-run budget"
+                      + (f" ({'; '.join(longer)}: cut at T)" if longer else "")
+                      + ".  × at T: diverged (non-finite) before T.", fontsize=8)
     fig.legend(*axes[0].get_legend_handles_labels(), ncol=len(families), fontsize=8,
                loc="upper center")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=70)
     plt.close(fig)
 
@@ -410,12 +510,42 @@ def _describe_target(t: dict) -> str:
 # ----------------------------------------------------------------------------- markdown
 
 
+def _load_note(info: dict) -> str:
+    """A sentence on the machine's load during the run (from the recorded load averages)."""
+    loads = [x for key in ("load_average_start", "load_average_end")
+             for x in (info.get(key) or [])]
+    if not loads:
+        return ""
+    lo, hi = min(loads), max(loads)
+    cores = info.get("cores")
+    busy = cores is not None and hi >= 0.5 * cores
+    return (f"Timings were taken on a {'shared ' if busy else ''}{cores}-core machine under "
+            f"load {lo:g}–{hi:g} (1-, 5- and 15-minute load averages at start and end, "
+            "`machine` in the JSON files)"
+            + (": other work competed for the cores, so absolute times are inflated and noisy; "
+               "compare methods within this run rather than across machines or runs."
+               if busy else "."))
+
+
+def _fmt_at_budget(x, row):
+    """A value at the fixed budget; `*` marks a run that stopped before T (its final value)."""
+    if x is None or not math.isfinite(x):
+        return "non-finite" if row["status"] == "non-finite" else "—"
+    return f"{x:.2e}" + ("*" if row["stopped_before_budget"] else "")
+
+
 def problem_table(data: dict) -> str:
     errs = data["error_targets"]
+    if "fixed_budget_seconds" not in data:
+        add_fixed_budget(data)
+    budget = data["fixed_budget_seconds"]
     head = ["method", "status", "steps", "time [s]", "ms/step", "steps to target",
             "time to target [s]", "final C/C(0)"]
     if errs:
         head += ["final error"] + [f"time to error ≤ {e:g} [s]" for e in errs]
+    head += [f"C/C(0) at T = {budget:g} s"]
+    if errs:
+        head += [f"error at T = {budget:g} s"]
     head += ["memory [MiB]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for family, name in data["best_of_family"].items():
@@ -429,6 +559,9 @@ def problem_table(data: dict) -> str:
             for e in errs:
                 hit = row["error_targets"][f"{e:g}"]
                 cells.append("—" if hit is None else _fmt_time(hit["seconds"]))
+        cells.append(_fmt_at_budget(row["relative_cost_at_budget"], row))
+        if errs:
+            cells.append(_fmt_at_budget(row["error_at_budget"], row))
         cells.append("—" if row["memory_mb"] is None else f"{row['memory_mb']:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -447,14 +580,27 @@ def summary_markdown(results: dict, targets: list[dict], info: dict, quick: bool
     if quick:
         out += ["**`--quick` smoke run: tiny problems and sub-second budgets; the numbers mean "
                 "nothing.**", ""]
+    whole = ("" if total_seconds is None or not math.isfinite(total_seconds)
+             else f" Whole run: {total_seconds:.0f} s.")
     out += [f"Machine: {machine_line(info)}. Load average at start "
-            f"{info['load_average_start']}, at end {info.get('load_average_end')}. "
-            f"Whole run: {total_seconds:.0f} s.", "",
-            "Times are wall-clock seconds of training after compilation, all methods in one "
+            f"{info.get('load_average_start')}, at end {info.get('load_average_end')}.{whole}", ""]
+    load = _load_note(info)
+    if load:
+        out += [load, ""]
+    out += ["Times are wall-clock seconds of training after compilation, all methods in one "
             "process. `—`: not reached within the budget. Sweeps (sgd, adam) run every learning "
             "rate for a fifth of the budget, then the best one for the whole budget; the tables "
             "show that one, the JSON files every run. Memory: XLA's buffer assignment for a "
-            "compiled chunk of steps (arguments + temporaries + outputs).", ""]
+            "compiled chunk of steps (arguments + temporaries + outputs).", "",
+            "*At T*: the cost (and, for the PINN, the error) at a fixed time budget T, the same "
+            "for every method of a problem: its per-run budget (Adam's longer PINN budget is cut "
+            "at T). The value is that of the last recorded trace point (chunk boundary) with time "
+            "≤ T; `budget_point` in summary.json gives its step and time (stored traces are "
+            "downsampled, so for fast methods it can lie up to about a tenth of T early; runs "
+            "made since T was introduced keep the exact point). `*`: the run stopped before T — it reached its target (or the step cap), so "
+            "this is its final value. `non-finite`: it diverged before T. The *final* columns "
+            "are where each run stopped, which for runs that reach the target early is not a "
+            "comparison at equal time.", ""]
     if targets:
         out += ["## Targets", "",
                 "| problem | target | comparison | wanted | measured | seconds (outmetric / "
@@ -475,7 +621,7 @@ def summary_markdown(results: dict, targets: list[dict], info: dict, quick: bool
                 f"QN = {data['num_outputs']}, C(0) = {data['cost0']:.4g}; target "
                 f"{_target_text(data)}; budget {data['budget_seconds']:g} s per run"
                 + "".join(f", {k} {v:g} s" for k, v in data.get("family_budgets", {}).items())
-                + ".", "",
+                + f"; fixed budget T = {data['fixed_budget_seconds']:g} s.", "",
                 problem_table(data), "", f"![{name}]({name}.png)", ""]
     return "\n".join(out)
 
@@ -492,19 +638,25 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="NAME", help=f"subset of {list(PROBLEMS)}")
     parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                         help="subset of methods (names or families, e.g. adam outmetric)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default "
-                        "benchmarks/results)")
+    parser.add_argument("--out", default=None, help="output folder (default "
+                        "benchmarks/results; with --from-results, that folder)")
     parser.add_argument("--budget-scale", type=float, default=1.0,
                         help="multiply every problem's time budget")
+    parser.add_argument("--from-results", metavar="DIR", default=None,
+                        help="run nothing: re-render summary.md/.json/.png and the per-problem "
+                        "plots from the <problem>.json files in DIR (written to --out, by "
+                        "default DIR)")
     parser.add_argument("--summary-only", action="store_true",
-                        help="run nothing: rebuild the plots and summary from the JSON in --out")
+                        help="same as --from-results with the --out folder")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.summary_only:
-        return resummarise(args)
+    if args.from_results is not None or args.summary_only:
+        source = args.from_results or args.out or DEFAULT_OUT
+        return from_results(source, args.out or source, args.problems, quick=args.quick)
+    args.out = args.out or DEFAULT_OUT
     start = time.perf_counter()
     info = machine_info()
     methods = all_methods(args.quick)
@@ -533,9 +685,11 @@ def main(argv: list[str] | None = None) -> int:
             members = [m for m in methods if m.family == family]
             family_budget = bp.family_budgets.get(family, bp.budget_s) * args.budget_scale
             runs += run_family(members, bp, family_budget, report=report)
-        data = problem_json(bp, info, summarise(bp, runs), methods)
+        data = problem_json(bp, info, summarise(bp, runs, fixed_budget=budget), methods)
         data["budget_seconds"] = budget
         data["family_budgets"] = {k: v * args.budget_scale for k, v in bp.family_budgets.items()}
+        data["quick"] = args.quick
+        add_fixed_budget(data)
         results[name] = data
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1, allow_nan=True)
@@ -547,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_summary(results: dict, info: dict, quick: bool, total: float, out: str) -> None:
     """summary.md, summary.json and summary.png from the per-problem results; prints the targets."""
+    for data in results.values():
+        add_fixed_budget(data)
     targets = evaluate_targets(results)
     md = summary_markdown(results, targets, info, quick, total)
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -564,30 +720,40 @@ def write_summary(results: dict, info: dict, quick: bool, total: float, out: str
     print()
     for t in targets:
         print(_describe_target(t))
-    print(f"\nresults: {os.path.join(out, 'summary.md')} (and .json, .png per problem); "
-          f"{total:.0f} s in all")
+    took = f"; {total:.0f} s in all" if total is not None and math.isfinite(total) else ""
+    print(f"\nresults: {os.path.join(out, 'summary.md')} (and .json, .png per problem){took}")
 
 
-def resummarise(args) -> int:
-    """Rebuild the plots and the summary from the JSON files already in `--out`."""
+def from_results(source: str, out: str, problems=None, quick: bool = False) -> int:
+    """Re-render summary.md/.json/.png and the per-problem plots from `<problem>.json` files.
+
+    Runs nothing. The machine, `--quick` flag and total time come from `source`'s summary.json
+    when there is one, else from the problem files (the total time is then unknown).
+    """
     results = {}
-    for name in args.problems:
-        path = os.path.join(args.out, f"{name}.json")
+    for name in problems or PROBLEMS:
+        path = os.path.join(source, f"{name}.json")
         if os.path.isfile(path):
             with open(path) as f:
-                results[name] = json.load(f)
-            plot_problem(os.path.join(args.out, f"{name}.png"), results[name])
+                data = json.load(f)
+            if "runs" in data:
+                results[name] = data
     if not results:
-        print(f"no results in {args.out}", file=sys.stderr)
+        print(f"no <problem>.json results in {source}", file=sys.stderr)
         return 2
+    os.makedirs(out, exist_ok=True)
     previous = {}
-    summary_path = os.path.join(args.out, "summary.json")
+    summary_path = os.path.join(source, "summary.json")
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             previous = json.load(f)
-    info = previous.get("machine") or next(iter(results.values()))["machine"]
-    write_summary(results, info, previous.get("quick", args.quick),
-                  previous.get("total_seconds", float("nan")), args.out)
+    first = next(iter(results.values()))
+    info = previous.get("machine") or first["machine"]
+    quick = previous.get("quick", first.get("quick", quick))
+    for name, data in results.items():
+        add_fixed_budget(data)
+        plot_problem(os.path.join(out, f"{name}.png"), data)
+    write_summary(results, info, quick, previous.get("total_seconds", float("nan")), out)
     return 0
 
 

@@ -6,6 +6,7 @@ Never asserts a wall-clock number: the quick problems are tiny and their times m
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,6 +69,76 @@ def test_quick_run_json_is_sane(quick_run):
     pinn = json.loads((out / "pinn_poisson.json").read_text())
     assert pinn["error_targets"] == [1e-3, 1e-6]
     assert pinn["runs"]["outmetric"]["final_error"] < 1.0
+
+
+def test_quick_run_reports_values_at_a_fixed_budget(quick_run):
+    out, _ = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    md = (out / "summary.md").read_text()
+    for name in PROBLEMS:
+        data = summary["problems"][name]
+        budget = data["fixed_budget_seconds"]
+        assert math.isfinite(budget) and budget == data["budget_seconds"] > 0
+        for row in data["table"].values():
+            for key in ("cost_at_budget", "relative_cost_at_budget", "error_at_budget",
+                        "budget_point", "stopped_before_budget"):
+                assert key in row, (name, row["method"], key)
+            assert 0.0 <= row["budget_point"]["seconds"] <= budget
+            assert row["budget_point"]["step"] <= row["steps"]
+            values = [row["cost_at_budget"]]
+            if name == "pinn_poisson":
+                values.append(row["error_at_budget"])
+            else:
+                assert row["error_at_budget"] is None
+            if row["status"] != "non-finite":  # a diverged run keeps its non-finite value
+                assert all(v is not None and math.isfinite(v) for v in values), row["method"]
+            if row["stopped_before_budget"]:  # stopped before T: its final value
+                assert row["cost_at_budget"] == row["final_cost"] or row["status"] == "non-finite"
+        ours = data["table"]["outmetric"]
+        assert math.isfinite(ours["cost_at_budget"]) and ours["cost_at_budget"] < data["cost0"]
+        assert ours["relative_cost_at_budget"] == ours["cost_at_budget"] / data["cost0"]
+        assert f"C/C(0) at T = {budget:g} s" in md
+    assert "error at T = " in md and "fixed budget T = " in md
+
+
+def test_from_results_rerenders_without_running(quick_run, tmp_path):
+    out, _ = quick_run
+    original = json.loads((out / "summary.json").read_text())
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in PROBLEMS:  # the problem files only: no summary, no plots
+        shutil.copy(out / f"{name}.json", copy / f"{name}.json")
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--from-results", str(copy)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("summary", *PROBLEMS):
+        assert (copy / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (copy / "summary.md").read_text()
+    assert "--quick" in md and "## diabetes" in md and "## pinn_poisson" in md
+    assert "| outmetric |" in md and "C/C(0) at T" in md
+    rebuilt = json.loads((copy / "summary.json").read_text())
+    assert rebuilt["quick"] is True
+    # The problem files are written before the run ends: they lack only the final load average.
+    assert rebuilt["machine"] == {k: v for k, v in original["machine"].items()
+                                  if k != "load_average_end"}
+    assert rebuilt["targets"] == original["targets"]
+    for name in PROBLEMS:
+        old, new = original["problems"][name]["table"], rebuilt["problems"][name]["table"]
+        assert old.keys() == new.keys()
+        for family in old:
+            for key in ("cost_at_budget", "error_at_budget", "budget_point", "seconds_to_target"):
+                a, b = old[family][key], new[family][key]
+                assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+    # Into another folder: the source's summary.json supplies the total time.
+    other = tmp_path / "other"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--from-results", str(out),
+                           "--out", str(other)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((other / "summary.json").read_text())["total_seconds"] == pytest.approx(
+        original["total_seconds"])
+    assert not (other / "diabetes.json").exists()  # re-rendering writes no problem files
 
 
 def test_demo_compare_runs_the_baselines(tmp_path, capsys):
