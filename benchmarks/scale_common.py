@@ -7,6 +7,7 @@ process's peak resident set (``getrusage``) on CPU. Because a process's peak onl
 configuration of a full run executes in a fresh subprocess (`run_isolated`).
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -144,3 +145,26 @@ def write_json(out_dir: str, name: str, payload: dict) -> str:
 
 def command_line() -> str:
     return " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+
+
+def size_parser(description: str, sizes: dict) -> argparse.ArgumentParser:
+    """The options every scale benchmark takes: --quick, --only, --dtype, --out (and the
+    hidden --one, one measurement in a fresh process, used by `run_isolated`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one process")
+    parser.add_argument("--only", nargs="*", help=f"sizes to run, of {sorted(sizes)}")
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    return parser
+
+
+def start(args, run_one, sizes: dict, quick: dict):
+    """Run `--one` and return None, or set JAX up and return (machine info, the sizes to run)."""
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one)), default=float))
+        return None
+    setup_jax(args.dtype)
+    selected = quick if args.quick else {k: v for k, v in sizes.items()
+                                         if not args.only or k in args.only}
+    return machine_info(), selected

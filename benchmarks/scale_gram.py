@@ -22,7 +22,6 @@ relative (float64). ``--quick``: tiny sizes in one process (a smoke test). Runs 
 GPU.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -142,20 +141,12 @@ def run_one(config: dict) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one process")
-    parser.add_argument("--only", nargs="*", help=f"sizes to run, of {sorted(SIZES)}")
-    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    parser.add_argument("--out", default=common.RESULTS)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser = common.size_parser(__doc__.split("\n")[0], SIZES)
     args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(run_one(json.loads(args.one)), default=float))
+    started = common.start(args, run_one, SIZES, QUICK)
+    if started is None:
         return
-    common.setup_jax(args.dtype)
-    machine = common.machine_info()
-    sizes = QUICK if args.quick else {k: v for k, v in SIZES.items()
-                                      if not args.only or k in args.only}
+    machine, sizes = started
     results = []
     import numpy as np
 

@@ -22,7 +22,6 @@ K ≈ 10⁶ MLP under 4 GB. ``--quick`` runs two tiny sizes in one process (a sm
 numbers mean nothing). Runs unchanged on a GPU.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -158,25 +157,17 @@ def _iterations(problem, params, method, lam, options, max_steps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one process")
-    parser.add_argument("--only", nargs="*", help=f"sizes to run, of {sorted(SIZES)}")
-    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    parser.add_argument("--out", default=common.RESULTS)
+    parser = common.size_parser(__doc__.split("\n")[0], SIZES)
     parser.add_argument("--solvers", nargs="*", help=f"solvers to run, of {list(SOLVERS)} "
                         "and 'jacobian' (default: each size's list)")
     parser.add_argument("--merge", action="store_true",
                         help="replace only the (size, solver) pairs run in an existing "
                              "--out/scale_solvers.json, keeping the others")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(run_one(json.loads(args.one)), default=float))
+    started = common.start(args, run_one, SIZES, QUICK)
+    if started is None:
         return
-    common.setup_jax(args.dtype)
-    machine = common.machine_info()
-    sizes = QUICK if args.quick else {k: v for k, v in SIZES.items()
-                                      if not args.only or k in args.only}
+    machine, sizes = started
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size, (mlp, num_samples, names, max_steps, repeats) in sizes.items():

@@ -366,6 +366,12 @@ def _save(checkpoint, snap: _Progress) -> int | None:
     return snap.step
 
 
+def _save_unless_saved(checkpoint, snap: _Progress, saved_at: int) -> None:
+    """The final checkpoint of a run, unless the last one written already holds `snap`."""
+    if checkpoint is not None and (snap.step != saved_at or snap.step == 0):
+        _save(checkpoint, snap)
+
+
 def _warn_rank_loss(problem: Problem, result: FitResult) -> None:
     """A `RuntimeWarning` when solves of this run fell back to the rank-revealing SVD."""
     if result.fallback_steps == 0:
@@ -432,8 +438,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
         raise
     finally:
         bar.close()
-    if checkpoint is not None and (snap.step != saved_at or snap.step == 0):
-        _save(checkpoint, snap)
+    _save_unless_saved(checkpoint, snap, saved_at)
     if final_cost is None:
         final_cost = float(problem.cost(snap.params))
     history = np.asarray(snap.costs + (final_cost,))
@@ -518,8 +523,7 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
         raise
     finally:
         bar.close()
-    if checkpoint is not None and (snap.step != saved_at or snap.step == 0):
-        _save(checkpoint, snap)
+    _save_unless_saved(checkpoint, snap, saved_at)
     costs = snap.costs + ((last_cost,) if converged else ())
     result = FitResult(snap.params, snap.state, np.asarray(costs), snap.step, converged,
                        snap.fallback_steps, snap.min_rank, resumed_from,

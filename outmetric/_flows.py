@@ -14,7 +14,13 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
 from ._problem import Problem, _check_finite, check_params, static_real
-from ._solve import SOLVERS, linearize, output_metric_gradient, resolve_solver, solve
+from ._solve import (
+    check_solver_name,
+    linearize,
+    output_metric_gradient,
+    resolve_solver,
+    solve,
+)
 
 
 class AbstractFlow(eqx.Module):
@@ -66,8 +72,7 @@ class AdaptedFlow(AbstractFlow):
     rtol: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver={self.solver!r} is not a known solver; choose one of {list(SOLVERS)}")
+        check_solver_name(self.solver)
         damping = static_real(self.damping)
         if damping is not None and not 0 <= damping < float("inf"):
             raise ValueError(f"damping must be >= 0 and finite, got {self.damping}")
@@ -99,8 +104,7 @@ class HomotopyFlow(AbstractFlow):
     rtol: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver={self.solver!r} is not a known solver; choose one of {list(SOLVERS)}")
+        check_solver_name(self.solver)
 
     def __call__(self, t, params, args=None):
         direction, result, lin = output_metric_gradient(self.problem, params, solver=self.solver,
@@ -134,8 +138,7 @@ class InterpolationFlow(AbstractFlow):
     rtol: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver={self.solver!r} is not a known solver; choose one of {list(SOLVERS)}")
+        check_solver_name(self.solver)
 
     def __call__(self, t, params, args=None):
         flat, _ = ravel_pytree(params)

@@ -159,7 +159,7 @@ def is_static_zero(damping) -> bool:
     return isinstance(damping, (int, float)) and damping == 0
 
 
-def _check_solver_name(solver) -> None:
+def check_solver_name(solver) -> None:
     if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not a known solver; choose one of {list(SOLVERS)}")
 
@@ -264,7 +264,7 @@ def resolve_solver(solver: str, damping, num_rows: int, num_params: int, dtype, 
 
     "auto" follows `plan_solve` for a model of unknown structure that is not chunked.
     """
-    _check_solver_name(solver)
+    check_solver_name(solver)
     if solver != "auto":
         return solver
     budget = memory_budget() if budget is None else budget
@@ -308,7 +308,7 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
     - `gram`: `"auto"`, `"structured"` or `"jacobian"` (see `outmetric.gram_matrix`).
     - `memory_budget`: bytes; default `memory_budget()`.
     """
-    _check_solver_name(solver)
+    check_solver_name(solver)
     check_chunk_size(chunk_size)
     if gram not in GRAM_METHODS:
         raise ValueError(f"gram={gram!r} is not a Gram method; choose one of {list(GRAM_METHODS)}")
@@ -358,7 +358,7 @@ def linearize(problem: Problem, params: PyTree, *, method: str = "qr",
     closures only. `"cg"` and `"lsmr"` get JVP/VJP closures and never form D; their
     `diagonal` computes the Gram diagonal in chunks on demand (the Jacobi preconditioner).
     """
-    _check_solver_name(method)
+    check_solver_name(method)
     if method == "auto":
         raise ValueError("linearize needs a concrete method; resolve 'auto' with plan_solve")
     check_chunk_size(chunk_size)
@@ -440,7 +440,7 @@ def solve(
     pseudo-inverse (or, without a dense D, the Gram's eigendecomposition), which drops the null
     directions; LSMR returns the minimum-norm solution.
     """
-    _check_solver_name(solver)
+    check_solver_name(solver)
     if not isinstance(preconditioner, Preconditioner) and preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner={preconditioner!r} is not known; choose one of "
                          f"{list(PRECONDITIONERS)}")

@@ -31,6 +31,7 @@ from ._solve import (
     PRECONDITIONERS,
     SOLVERS,
     SolveResult,
+    check_solver_name,
     linearize,
     plan_solve,
     prepare_preconditioner,
@@ -53,11 +54,6 @@ def _require_problem(name: str, extra_args: dict) -> Problem:
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
     return problem
-
-
-def _check_solver(solver: str) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not a known solver; choose one of {list(SOLVERS)}")
 
 
 def _check_nonnegative(name: str, value) -> None:
@@ -175,7 +171,7 @@ def scale_by_output_metric(
       only; -1 for matrix-free ones). Without it the rank is the solve's estimate, which under
       damping λ counts the directions λ props up (Cholesky pivots cannot tell them apart).
     """
-    _check_solver(solver)
+    check_solver_name(solver)
     _check_nonnegative("damping", damping)
     _check_flag("track_min_singular_value", track_min_singular_value)
     _check_solve_options(rtol, cg_tol, cg_max_steps)
@@ -321,7 +317,7 @@ def output_metric_descent(
 
     Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
     """
-    _check_solver(solver)
+    check_solver_name(solver)
     adaptive = isinstance(damping, str)
     if adaptive and damping != "adaptive":
         raise ValueError(f"damping must be 'adaptive' or a number >= 0, got {damping!r}")
