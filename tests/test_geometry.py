@@ -163,7 +163,9 @@ def test_adapted_velocity_is_horizontal_along_the_trajectory(overparam, adapted_
         vertical = om.vertical(problem, params, velocity)
         return ravel_pytree(velocity)[0], ravel_pytree(vertical)[0]
 
-    velocities, verticals = jax.vmap(split)(adapted_path.params)
+    # lax.map, not vmap: XLA's multi-threaded Eigen pool on CPU can wedge executing batched
+    # factorizations (a known XLA CPU hang), and a sequential map tests the same thing.
+    velocities, verticals = jax.lax.map(split, adapted_path.params)
     speed = np.linalg.norm(velocities, axis=1)
     assert np.all(speed > 0)
     np.testing.assert_array_less(np.linalg.norm(verticals, axis=1), 1e-10 * speed)
@@ -285,7 +287,7 @@ def test_homotopy_fields_vanish_at_the_same_points(overparam, duplicated):
 
     @eqx.filter_jit
     def fields(flows, params):  # all α at once: α is an array leaf of the flow
-        return jax.vmap(lambda flow: flat_jax(flow(0.0, params, None)))(flows)
+        return jax.lax.map(lambda flow: flat_jax(flow(0.0, params, None)), flows)
 
     for problem, params in cases:
         standard = flat(om.standard_flow(problem)(0.0, params, None))
