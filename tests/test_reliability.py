@@ -620,7 +620,8 @@ def test_mini_batch_run_resumes_on_the_same_batches(tmp_path):
 
 
 SCRIPT = textwrap.dedent("""
-    import sys
+    import faulthandler, signal, sys
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's report if it hangs
     import jax
     jax.config.update("jax_enable_x64", True)
     sys.path.insert(0, {tests!r})
@@ -644,10 +645,12 @@ def run_and_signal(folder, every, sig):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    watchdog = threading.Timer(120, proc.kill)  # never hang the test suite
+    watchdog = threading.Timer(150, proc.kill)  # never hang the test suite
     watchdog.start()
+    last = ""
     try:
         for line in proc.stdout:
+            last = line
             if line.startswith("step") and int(line.split()[1]) >= 5:
                 break
         time.sleep(0.05)
@@ -656,12 +659,18 @@ def run_and_signal(folder, every, sig):
         for _ in range(10):
             proc.send_signal(sig)
             try:
-                _, stderr = proc.communicate(timeout=10)
+                stdout, stderr = proc.communicate(timeout=10)
                 break
             except subprocess.TimeoutExpired:
                 continue
         else:
-            raise AssertionError(f"the run did not stop after 10 signals {sig!r}")
+            proc.send_signal(signal.SIGUSR1)  # the child's Python stacks, to say where it hangs
+            time.sleep(2)
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            tail = (stdout.splitlines() or [last.strip()])[-1]
+            raise AssertionError(f"the run did not stop after 10 signals {sig!r}; last output "
+                                 f"{tail!r}; its stacks:\n{stderr[-6000:]}")
     finally:
         watchdog.cancel()
         proc.kill()
