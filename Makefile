@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/outmetric demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest -n auto --maxprocesses 4 --dist loadgroup tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run

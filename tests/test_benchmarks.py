@@ -14,9 +14,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBLEMS = ["diabetes", "pinn_poisson"]
+# One pytest-xdist worker runs these tests, so the session fixture `quick_run` runs once.
+pytestmark = pytest.mark.xdist_group("benchmark_quick_run")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, MPLBACKEND="Agg")

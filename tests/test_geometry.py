@@ -42,13 +42,13 @@ def random_tangent(params, seed=1):
 # ----------------------------------------------------------------------------- shared fixtures
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def overparam():
     """tanh MLP, N = 8, Q = 2, K = 402: overparametrised with rank D = QN."""
     return make_problem("tanh_mlp", n=8, d_in=5, q=2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def duplicated():
     """Critical points of a 2-3-1 tanh net (K = 13) and of its embedding into width 5 (K = 21)
     by splitting hidden units 0 and 1, with exact teacher targets and with noisy ones."""
@@ -61,7 +61,7 @@ def duplicated():
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapted_path(overparam):
     problem, params = overparam
     return om.integrate(problem, params, eps=1e-6, num_saves=41)
@@ -346,7 +346,7 @@ def test_interpolation_flow_rejects_bad_target(overparam):
 # ----------------------------------------------------------------------------- cross-entropy
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def classifier():
     """A tanh MLP with Q = 3 logits on N = 6 samples (K = 145 ≥ QN = 18), one apply function for
     all labelings so the integrations share their compilation."""
