@@ -40,6 +40,7 @@ from ._integrate import stopping_time as stopping_time
 from ._models import mlp as mlp
 from ._problem import Problem as Problem
 from ._problem import num_parameters as num_parameters
+from ._results import RESULTS as RESULTS
 from ._sharding import shard_samples as shard_samples
 from ._solve import PRECONDITIONERS as PRECONDITIONERS
 from ._solve import SOLVERS as SOLVERS

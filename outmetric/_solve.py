@@ -34,11 +34,17 @@ Methods (the `solver` argument):
   preconditioner of rank ℓ (Frangella, Tropp & Udell 2023) built from ℓ Gram products,
   $P^{-1} = (\hat\mu_\ell + \lambda)\,U(\hat M + \lambda I)^{-1}U^\top + (I - UU^\top)$, which pays
   when the spectrum decays fast, as NTK spectra do.
+- `"eigh"`: the eigendecomposition of the Gram of the smaller side (formed as for
+  `"cholesky"`, structured or chunked where that applies), $\delta = D^\top U(\Lambda +
+  \lambda I)^{-1}U^\top g$ (wide; the tall side is analogous): rank-revealing like `"svd"` without
+  a dense D, accurate to κ(D)²ε. With `"svd"` it is a *spectral* factorization: the optimizer
+  factors once per linearization and then solves for every λ it tries in O(n)
+  (`SpectralFactor`, DESIGN §6).
 - `"lsmr"`: matrix-free LSMR (lineax) on D itself, on $[D;\sqrt\lambda I]$ with right-hand
   side $[g; 0]$ when damped: the minimum-norm least-squares solution, so $D^+g$ even under
   rank loss, with κ(D) rather than κ(D)² governing convergence. One JVP and one VJP per
   iteration; memory O(K + M).
-- `"auto"`: see `plan_solve`. From M, K, the dtype and the free memory (`memory_budget`):
+- `"auto"`: see `plan_solve` (the optimizer asks for a spectral factorization on the tall side). From M, K, the dtype and the free memory (`memory_budget`):
   while D fits, `"qr"` for an undamped solve (damping given as the Python number 0) and
   `"cholesky"` otherwise (with the structured Gram when the model has dense layers and the
   wide side is solved); when only the Gram fits, `"cholesky"` on a structured or chunked Gram;
@@ -76,13 +82,20 @@ from ._gram import (
 )
 from ._problem import Problem, check_chunk_size
 
-SOLVERS = ("auto", "cholesky", "qr", "svd", "cg", "lsmr")
+SOLVERS = ("auto", "cholesky", "qr", "svd", "cg", "lsmr", "eigh")
+
+#: The methods that hold a Gram matrix of the smaller side.
+GRAM_SOLVERS = ("cholesky", "eigh")
 
 #: The matrix-free methods: D is never formed.
 MATRIX_FREE = ("cg", "lsmr")
 
 #: Preconditioners of the "cg" method.
 PRECONDITIONERS = (None, "jacobi", "nystrom")
+
+#: "auto" picks the SVD of a dense D for a caller that tries many λ per linearization (the
+#: optimizer) on the tall side (K < QN) up to this many parameters: one SVD then serves every λ.
+SPECTRAL_MAX_PARAMS = 2048
 
 #: A fixed memory budget in bytes for "auto"; None measures the free memory (`memory_budget`).
 DENSE_BUDGET_BYTES: int | None = None
@@ -128,7 +141,8 @@ class Linearization(NamedTuple):
     method, so repeated solves with different damping (Levenberg–Marquardt) form it once; it
     may be present without `jacobian` (chunked or structured Gram), products with D then going
     through `jvp`/`vjp`. `diagonal`, when set, computes the diagonal of that Gram on demand (the
-    Jacobi preconditioner). Built by `linearize` inside a traced function; not meant to cross
+    Jacobi preconditioner); `column_diagonal` computes diag(DᵀD), the squared column norms of D
+    (the scaled damping and the gtol test). Built by `linearize` inside a traced function; not meant to cross
     a `jit` boundary.
     """
 
@@ -140,6 +154,7 @@ class Linearization(NamedTuple):
     vjp: Callable[[Array], Array] | None
     gram: Float[Array, "n n"] | None = None
     diagonal: Callable[[], Array] | None = None
+    column_diagonal: Callable[[], Array] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -225,7 +240,8 @@ def _bytes(n: int) -> str:
 
 
 def _auto_plan(damping, num_rows, num_params, itemsize, budget, *, structured, num_samples,
-               output_dim, chunkable, chunk_size, structured_pays=None) -> SolvePlan:
+               output_dim, chunkable, chunk_size, structured_pays=None,
+               many_dampings=False) -> SolvePlan:
     """The "auto" decision from sizes and memory (see `plan_solve`)."""
     small = min(num_rows, num_params)
     wide = num_rows <= num_params
@@ -238,6 +254,9 @@ def _auto_plan(damping, num_rows, num_params, itemsize, budget, *, structured, n
     # factor and the fallback's eigenvectors.
     if undamped and 3 * dense <= budget:
         return SolvePlan("qr", chunk_size, "jacobian", f"D fits ({_bytes(dense)}); {sizes}")
+    if many_dampings and not wide and num_params <= SPECTRAL_MAX_PARAMS and 3 * dense <= budget:
+        return SolvePlan("svd", chunk_size, "jacobian",
+                         f"tall side, D fits: one SVD serves every damping tried; {sizes}")
     if not undamped and structured_pays and wide and 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "structured",
                          f"dense layers found; structured Gram ({_bytes(gram)}); {sizes}")
@@ -275,7 +294,8 @@ def resolve_solver(solver: str, damping, num_rows: int, num_params: int, dtype, 
 
 def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
                damping: float | Float[Array, ""] = 0.0, chunk_size: int | None = None,
-               gram: str = "auto", memory_budget: int | None = None) -> SolvePlan:
+               gram: str = "auto", memory_budget: int | None = None,
+               many_dampings: bool = False) -> SolvePlan:
     r"""Decide how to compute $D^+g$ (damped: $D^\top(DD^\top+\lambda I)^{-1}g$) for `problem` at `params`.
 
     With $M = QN$ rows, K parameters, $n = \min(M, K)$, b bytes per number and a budget B
@@ -283,6 +303,9 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
     order:
 
     1. undamped (`damping` the Python number 0) and $3MKb \le B$: `"qr"` on the dense D;
+       for a caller that tries many λ per linearization (`many_dampings=True`, the optimizer),
+       on the tall side ($K < M$, $K \le$ `SPECTRAL_MAX_PARAMS`) with $3MKb \le B$: `"svd"`, one
+       SVD of D for every λ (`SpectralFactor`);
     2. damped, the wide side ($M \le K$), dense layers found (`gram_structure`) that make the
        structured Gram pay (`STRUCTURED_MIN_FLOPS`) and $3M^2b \le B$: `"cholesky"` on the
        structured Gram (D never formed);
@@ -307,6 +330,7 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
       that many samples, or None.
     - `gram`: `"auto"`, `"structured"` or `"jacobian"` (see `outmetric.gram_matrix`).
     - `memory_budget`: bytes; default `memory_budget()`.
+    - `many_dampings`: the caller solves for several λ per linearization.
     """
     check_solver_name(solver)
     check_chunk_size(chunk_size)
@@ -325,19 +349,19 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
     # Whether the structured Gram applies (dense layers found) and pays (module docstring);
     # the model's jaxpr is read once, and only where the answer matters.
     has_layers = pays = gram == "structured" and wide and per_sample
-    if gram == "auto" and wide and per_sample and solver in ("auto", "cholesky"):
+    if gram == "auto" and wide and per_sample and solver in ("auto", *GRAM_SOLVERS):
         flops = structured_flops(problem, params)
         dense = num_rows * num_rows * num_params
         has_layers = flops is not None
         pays = has_layers and dense >= STRUCTURED_MIN_FLOPS and 2 * flops <= dense
     if solver != "auto":
-        kind = "structured" if solver == "cholesky" and pays else "jacobian"
+        kind = "structured" if solver in GRAM_SOLVERS and pays else "jacobian"
         return SolvePlan(solver, chunk_size, kind, "chosen by the caller")
     budget = _get_budget(memory_budget)
     plan = _auto_plan(damping, num_rows, num_params, flat.dtype.itemsize, budget,
                       structured=has_layers, structured_pays=pays,
                       num_samples=problem.num_samples, output_dim=problem.output_dim,
-                      chunkable=per_sample, chunk_size=chunk_size)
+                      chunkable=per_sample, chunk_size=chunk_size, many_dampings=many_dampings)
     logger.info("solver='auto' picked %r (gram=%s, chunk_size=%s): %s", plan.method, plan.gram,
                 plan.chunk_size, plan.reason)
     return plan
@@ -368,14 +392,15 @@ def linearize(problem: Problem, params: PyTree, *, method: str = "qr",
     num_rows = problem.num_samples * problem.output_dim
     wide = num_rows <= flat.shape[0]
     chunked = chunk_size is not None and chunk_size < problem.num_samples
-    structured = method == "cholesky" and wide and gram == "structured"
-    if method not in MATRIX_FREE and not structured and not (method == "cholesky" and chunked):
+    structured = method in GRAM_SOLVERS and wide and gram == "structured"
+    if method not in MATRIX_FREE and not structured and not (method in GRAM_SOLVERS and chunked):
         x, jac = problem.linearize(params, chunk_size=chunk_size)
         gram_matrix = None
-        if method == "cholesky":
+        if method in GRAM_SOLVERS:
             gram_matrix = jac @ jac.T if wide else jac.T @ jac
         diagonal = lambda: jnp.sum(jac**2, axis=1 if wide else 0)  # noqa: E731
-        return Linearization(x, flat, unravel, jac, None, None, gram_matrix, diagonal)
+        columns = lambda: jnp.sum(jac**2, axis=0)  # noqa: E731
+        return Linearization(x, flat, unravel, jac, None, None, gram_matrix, diagonal, columns)
 
     def stacked(f):
         return problem.outputs(unravel(f)).reshape(-1).astype(flat.dtype)
@@ -387,13 +412,17 @@ def linearize(problem: Problem, params: PyTree, *, method: str = "qr",
     gram_matrix = None
     if structured:
         gram_matrix = structured_gram(problem, params, chunk_size=chunk_size)[1]
-    elif method == "cholesky":
+    elif method in GRAM_SOLVERS:
         gram_matrix = jacobian_gram(problem, params, wide=wide, chunk_size=chunk_size)
     if gram_matrix is not None:
         diagonal = lambda: jnp.diag(gram_matrix)  # noqa: E731
     else:
         diagonal = lambda: gram_diagonal(problem, params, wide=wide, chunk_size=chunk_size)  # noqa: E731
-    return Linearization(x, flat, unravel, None, jvp, vjp, gram_matrix, diagonal)
+    if gram_matrix is not None and not wide:
+        columns = lambda: jnp.diag(gram_matrix)  # noqa: E731
+    else:
+        columns = lambda: gram_diagonal(problem, params, wide=False, chunk_size=chunk_size)  # noqa: E731
+    return Linearization(x, flat, unravel, None, jvp, vjp, gram_matrix, diagonal, columns)
 
 
 def default_rtol(num_rows: int, num_params: int, dtype) -> float:
@@ -452,8 +481,8 @@ def solve(
     method = _method_for(lin, solver, damping)
     if method in ("qr", "svd") and lin.jacobian is None:
         raise ValueError(f"solver={method!r} needs a dense Jacobian; linearize with a dense method")
-    if method == "cholesky" and lin.jacobian is None and lin.gram is None:
-        raise ValueError("solver='cholesky' needs a dense Jacobian or a Gram matrix; linearize "
+    if method in GRAM_SOLVERS and lin.jacobian is None and lin.gram is None:
+        raise ValueError(f"solver={method!r} needs a dense Jacobian or a Gram matrix; linearize "
                          "with method='cholesky'")
     rtol = default_rtol(num_rows, num_params, dtype) if rtol is None else rtol
     rhs = rhs.reshape(-1).astype(dtype)
@@ -464,6 +493,8 @@ def solve(
         result = _qr(lin.jacobian, rhs, damping, rtol)
     elif method == "svd":
         result = _svd(lin.jacobian, rhs, lam, rtol, fallback=False)
+    elif method == "eigh":
+        result = SpectralFactor(lin, rhs, rtol, use_gram=True).step(lam).solve
     else:
         if cg_tol is None:
             cg_tol = 1e-10 if dtype == jnp.float64 else 1e-5
@@ -807,3 +838,268 @@ def output_metric_gradient(
     grad_x = problem.output_gradient(lin.outputs)
     result = solve(lin, grad_x.reshape(-1), damping=damping, solver=plan.method, **solve_options)
     return lin.unravel(result.delta), result, lin
+
+
+# --------------------------------------------------------------- the damped family δ(λ)
+#
+# The optimizer solves $(D^\top D + \lambda S)\delta = D^\top r$ for several λ at one
+# linearization (DESIGN §6). With $\tilde D = DS^{-1/2}$ this is $\delta = S^{-1/2}\tilde\delta$,
+# $\tilde\delta = (\tilde D^\top\tilde D + \lambda I)^{-1}\tilde D^\top r$: every object below works
+# on $\tilde D$ (`scale_columns`) and returns $\tilde\delta$, in the scaled coordinates where
+# MINPACK measures steps ($\|\tilde\delta\| = \|S^{1/2}\delta\|$).
+
+
+class DampedStep(NamedTuple):
+    r"""One member $\tilde\delta(\lambda)$ of the damped family and the linear model along it.
+
+    - `delta`: $\tilde\delta$, length K (scaled coordinates).
+    - `model_linear`: $\langle r, \tilde D\tilde\delta\rangle$; `model_quadratic`:
+      $\|\tilde D\tilde\delta\|^2$. For the step $\eta\tilde\delta$ the linear model predicts
+      $\|r\|^2 - \|r - \eta\tilde D\tilde\delta\|^2 = 2\eta\,$`model_linear`$ - \eta^2\,$`model_quadratic`.
+    - `norm`: $\|\tilde\delta\|$.
+    - `solve`: the `SolveResult` (rank, fallback, convergence, finiteness).
+    """
+
+    delta: Float[Array, " K"]
+    model_linear: Float[Array, ""]
+    model_quadratic: Float[Array, ""]
+    norm: Float[Array, ""]
+    solve: SolveResult
+
+
+def scale_columns(lin: Linearization, inv_sqrt_scale: Float[Array, " K"]) -> Linearization:
+    r"""The linearization of $\tilde D = D\,\mathrm{diag}(d)$, $d = S^{-1/2}$ = `inv_sqrt_scale`.
+
+    Dense D, JVP/VJP closures, the cached Gram of the tall side ($dd^\top\odot D^\top D$) and the
+    diagonals follow. On the wide side a cached Gram without a dense D (structured or chunked)
+    cannot be rescaled; that is refused (the optimizer uses scaled damping on the tall side).
+    """
+    d = inv_sqrt_scale
+    num_rows, num_params = lin.shape
+    wide = num_rows <= num_params
+    jac = None if lin.jacobian is None else lin.jacobian * d
+    jvp = None if lin.jvp is None else (lambda v: lin.jvp(d * v))
+    vjp = None if lin.vjp is None else (lambda w: d * lin.vjp(w))
+    gram = None
+    if lin.gram is not None:
+        if not wide:
+            gram = d[:, None] * lin.gram * d[None, :]
+        elif jac is not None:
+            gram = jac @ jac.T
+        else:
+            raise ValueError("scaled damping on the wide side (QN <= K) needs a dense D or a "
+                             "matrix-free solver, not a structured or chunked Gram: pass "
+                             "scaling='identity', gram='jacobian', or solver='cg'")
+    if gram is not None:
+        diagonal = lambda: jnp.diag(gram)  # noqa: E731
+    elif jac is not None:
+        diagonal = lambda: jnp.sum(jac**2, axis=1 if wide else 0)  # noqa: E731
+    elif not wide and lin.diagonal is not None:
+        diagonal = lambda: d**2 * lin.diagonal()  # noqa: E731
+    else:
+        diagonal = None
+    columns = None
+    if lin.column_diagonal is not None:
+        columns = lambda: d**2 * lin.column_diagonal()  # noqa: E731
+    return lin._replace(jacobian=jac, jvp=jvp, vjp=vjp, gram=gram, diagonal=diagonal,
+                        column_diagonal=columns)
+
+
+class SpectralFactor:
+    r"""The damped family from one spectral factorization: every λ after it costs O(n) (+ one
+    product with $\tilde D^\top$ for the step itself), and the rank comes for free.
+
+    From the SVD of a dense $\tilde D = P\Sigma V^\top$ (QR of D̃ or D̃ᵀ, then the SVD of the
+    n×n triangle; accurate to κ(D̃)ε), or without a dense
+    D from the eigendecomposition of the Gram of the smaller side ($\tilde D\tilde D^\top = U\Lambda
+    U^\top$ wide, $\tilde D^\top\tilde D = V\Lambda V^\top$ tall; accurate to κ(D̃)²ε). With
+    $\mu_i = \sigma_i^2$ kept above the rank cut-off (σ > rtol·σ_max; for the Gram also
+    μ > nε·μ_max) and weights $w_i = (\sigma_i\,p_i^\top r)^2$:
+
+    $$\tilde\delta(\lambda) = \sum_i \frac{\sigma_i\,p_i^\top r}{\mu_i + \lambda}\,v_i,\qquad
+    \|\tilde\delta(\lambda)\|^2 = \sum_i \frac{w_i}{(\mu_i+\lambda)^2},\qquad
+    \langle r, \tilde D\tilde\delta\rangle = \sum_i \frac{w_i}{\mu_i+\lambda},\qquad
+    \|\tilde D\tilde\delta\|^2 = \sum_i \frac{\mu_i w_i}{(\mu_i+\lambda)^2}.$$
+
+    λ = 0 gives the pseudo-inverse step $\tilde D^+ r$; no λ needs a floor.
+    """
+
+    def __init__(self, lin: Linearization, rhs: Float[Array, " M"], rtol: float, *,
+                 use_gram: bool = False):
+        num_rows, num_params = lin.shape
+        self._lin = lin
+        if use_gram and lin.gram is None and lin.jacobian is not None:
+            jac = lin.jacobian
+            lin = lin._replace(gram=jac @ jac.T if num_rows <= num_params else jac.T @ jac)
+            self._lin = lin
+        if lin.jacobian is not None and not use_gram:
+            # QR first, then the SVD of the small triangle (R-bidiagonalization): a few times
+            # faster than the SVD of the long matrix, and as accurate.
+            jac = lin.jacobian
+            wide = num_rows <= num_params
+            q, tri = jnp.linalg.qr(jac.T if wide else jac)
+            u, s, vt = jnp.linalg.svd(tri)
+            keep = kept_singular_values(s, rtol)
+            self.mode = "svd"
+            self.values = s**2
+            if wide:  # D = Rᵀqᵀ = V Σ (q U)ᵀ: left vectors V, right vectors q U
+                self.proj = s * (vt @ rhs)
+                self.basis = q @ u
+            else:  # D = q U Σ Vᵀ
+                self.proj = s * (u.T @ (q.T @ rhs))
+                self.basis = vt.T
+            self.weights = self.proj**2
+            self.sigma_min = s[-1]
+        elif lin.gram is not None:
+            gram = lin.gram
+            mu, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
+            cut = max(rtol**2, gram.shape[0] * float(jnp.finfo(gram.dtype).eps)) * mu[-1]
+            keep = mu > cut
+            self.values = jnp.maximum(mu, 0.0)
+            self.basis = vecs
+            self.sigma_min = jnp.sqrt(self.values[0])
+            if num_rows <= num_params:
+                self.mode = "wide"
+                self.proj = vecs.T @ rhs
+                self.weights = self.values * self.proj**2
+            else:
+                self.mode = "tall"
+                self.proj = vecs.T @ lin.rmatvec(rhs)
+                self.weights = self.proj**2
+        else:
+            raise ValueError("a spectral factorization needs a dense Jacobian or a Gram matrix")
+        self.keep = keep
+        self.rank = jnp.sum(keep).astype(jnp.int32)
+        self.finite = (jnp.all(jnp.isfinite(self.values)) & jnp.all(jnp.isfinite(self.proj))
+                       & jnp.all(jnp.isfinite(self.basis)))
+
+    def _inverse(self, lam):
+        return jnp.where(self.keep, 1.0 / jnp.where(self.keep, self.values + lam, 1.0), 0.0)
+
+    def norm(self, lam) -> Float[Array, ""]:
+        r"""$\|\tilde\delta(\lambda)\|$ in O(n)."""
+        h = self._inverse(lam)
+        return jnp.sqrt(jnp.sum(h**2 * self.weights))
+
+    def step(self, lam) -> DampedStep:
+        """$\tilde\\delta(\\lambda)$ and its linear model."""
+        h = self._inverse(lam)
+        coeff = h * self.proj
+        if self.mode == "wide":
+            delta = self._lin.rmatvec(self.basis @ coeff)
+        else:
+            delta = self.basis @ coeff
+        finite = self.finite & jnp.all(jnp.isfinite(delta))
+        result = SolveResult(jnp.where(finite, delta, 0.0), self.rank, jnp.asarray(False),
+                             finite, finite=finite)
+        return DampedStep(result.delta, jnp.sum(h * self.weights),
+                          jnp.sum(self.values * h**2 * self.weights),
+                          jnp.sqrt(jnp.sum(h**2 * self.weights)), result)
+
+    def damping_for_radius(self, radius, max_iterations: int = 30) -> Float[Array, ""]:
+        r"""MINPACK's `lmpar` in closed form: λ = 0 if $\|\tilde\delta(0)\| \le 1.1\Delta$, else
+        λ > 0 with $|\|\tilde\delta(\lambda)\| - \Delta| \le 0.1\Delta$, by Newton's method on
+        $1/\Delta - 1/\|\tilde\delta(\lambda)\|$ from λ = 0 (monotone from the left; Moré 1978):
+        $\lambda^+ = \lambda + \frac{\|\tilde\delta\|^2}{\sum_i w_i/(\mu_i+\lambda)^3}\,
+        \frac{\|\tilde\delta\| - \Delta}{\Delta}$."""
+        dtype = self.values.dtype
+        radius = jnp.asarray(radius, dtype)
+
+        def cond(carry):
+            i, lam, size = carry
+            return (i < max_iterations) & (jnp.abs(size - radius) > 0.1 * radius)
+
+        def body(carry):
+            i, lam, size = carry
+            h = self._inverse(lam)
+            cubic = jnp.sum(h**3 * self.weights)
+            lam = lam + size**2 / jnp.maximum(cubic, jnp.finfo(dtype).tiny) * (size - radius) / radius
+            lam = jnp.maximum(lam, 0.0)
+            return i + 1, lam, self.norm(lam)
+
+        zero = jnp.asarray(0.0, dtype)
+        size0 = self.norm(zero)
+        _, lam, _ = jax.lax.while_loop(cond, body, (0, zero, size0))
+        return jnp.where(size0 <= 1.1 * radius, zero, lam)
+
+
+class DirectFactor:
+    r"""The damped family by one `solve` per λ (Cholesky of the damped Gram, QR, ...): no
+    factorization is shared between λ, but the Gram is formed once (`lin.gram`). The linear
+    model needs one product $\tilde D\tilde\delta$ per λ."""
+
+    def __init__(self, lin: Linearization, rhs: Float[Array, " M"], method: str, rtol,
+                 **solve_options):
+        self._lin, self._rhs, self._method = lin, rhs, method
+        self._rtol, self._options = rtol, solve_options
+
+    def step(self, lam) -> DampedStep:
+        result = solve(self._lin, self._rhs, damping=lam, solver=self._method, rtol=self._rtol,
+                       **self._options)
+        image = self._lin.matvec(result.delta)
+        return DampedStep(result.delta, jnp.vdot(self._rhs, image), jnp.vdot(image, image),
+                          jnp.linalg.norm(result.delta), result)
+
+
+def normal_equations_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, initial,
+                        forcing, max_steps: int, column_diagonal=None) -> DampedStep:
+    r"""One inexact solve of $(\tilde D^\top\tilde D + \lambda I)\tilde\delta = \tilde D^\top r$ by
+    preconditioned conjugate gradients on the K side, matrix-free (one JVP + one VJP per
+    iteration), warm-started at `initial` and stopped by the inexact-Newton forcing rule
+    $\|\tilde D^\top r - (\tilde D^\top\tilde D + \lambda I)\tilde\delta\| \le
+    \eta\,\|\tilde D^\top r\|$ (η = `forcing`, e.g. Eisenstat–Walker) or `max_steps`.
+
+    The K side holds the same vector as the M side ($\tilde D^\top(\tilde D\tilde D^\top+\lambda
+    I)^{-1}r$), and it lets the previous step seed the next solve. `column_diagonal`
+    (diag $\tilde D^\top\tilde D$) gives the Jacobi preconditioner. Written here rather than
+    with `lineax.CG`, whose stopping test is componentwise in both the residual and the update
+    and cannot express a 2-norm forcing rule.
+    """
+    dtype = lin.flat_params.dtype
+    lam = jnp.asarray(lam, dtype)
+
+    def operator(v):
+        return lin.rmatvec(lin.matvec(v)) + lam * v
+
+    if column_diagonal is not None:
+        damped = column_diagonal + lam
+        inverse = jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 1.0)
+    else:
+        inverse = jnp.ones_like(lin.flat_params)
+    b = lin.rmatvec(rhs)
+    bound = forcing * jnp.linalg.norm(b)
+    y = jnp.where(jnp.all(jnp.isfinite(initial)), initial, 0.0).astype(dtype)
+    r = b - operator(y)
+    z = inverse * r
+    p = z
+    gamma = jnp.vdot(r, z)
+
+    def cond(carry):
+        i, y, r, p, gamma = carry
+        return (i < max_steps) & (jnp.linalg.norm(r) > bound) & (gamma > 0)
+
+    def body(carry):
+        i, y, r, p, gamma = carry
+        ap = operator(p)
+        curvature = jnp.vdot(p, ap)
+        alpha = gamma / jnp.where(curvature > 0, curvature, 1.0)
+        alpha = jnp.where(curvature > 0, alpha, 0.0)
+        y = y + alpha * p
+        r = r - alpha * ap
+        z = inverse * r
+        new_gamma = jnp.vdot(r, z)
+        p = z + (new_gamma / jnp.where(gamma > 0, gamma, 1.0)) * p
+        return i + 1, y, r, p, new_gamma
+
+    steps, y, _, _, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), y, r, p, gamma))
+    residual = b - operator(y)  # the true residual: round-off, and non-finite data, show here
+    image = lin.matvec(y)
+    finite = (jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(residual))
+              & jnp.all(jnp.isfinite(image)))
+    converged = finite & (jnp.linalg.norm(residual) <= 1.01 * bound + jnp.finfo(dtype).tiny)
+    y = jnp.where(finite, y, 0.0)
+    image = jnp.where(finite, image, 0.0)
+    result = SolveResult(y, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged, steps,
+                         finite)
+    return DampedStep(y, jnp.vdot(rhs, image), jnp.vdot(image, image), jnp.linalg.norm(y),
+                      result)

@@ -27,14 +27,22 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._gram import GRAM_METHODS
 from ._problem import Problem, check_chunk_size, check_params, static_real
+from ._results import RESULTS
+from ._search import backtracking, gradient_test, levenberg_marquardt, trust_region
 from ._solve import (
+    MATRIX_FREE,
     PRECONDITIONERS,
     SOLVERS,
+    DirectFactor,
     SolveResult,
+    SpectralFactor,
     check_solver_name,
+    default_rtol,
     linearize,
+    normal_equations_cg,
     plan_solve,
     prepare_preconditioner,
+    scale_columns,
     smallest_singular_value,
     solve,
 )
@@ -222,9 +230,9 @@ def _spectrum_report(lin, result: SolveResult, track: bool, rtol) -> tuple[Array
 
 
 def _linearize(problem, params, damping, solver, chunk_size=None, gram="auto",
-               memory_budget=None):
+               memory_budget=None, many_dampings=False):
     plan = plan_solve(problem, params, solver=solver, damping=damping, chunk_size=chunk_size,
-                      gram=gram, memory_budget=memory_budget)
+                      gram=gram, memory_budget=memory_budget, many_dampings=many_dampings)
     lin = linearize(problem, params, method=plan.method, chunk_size=plan.chunk_size,
                     gram=plan.gram)
     return lin, plan.method
@@ -233,20 +241,32 @@ def _linearize(problem, params, damping, solver, chunk_size=None, gram="auto",
 class OutputMetricDescentState(NamedTuple):
     """State of `output_metric_descent`, all arrays (checkpointable with any pytree tool).
 
-    - `count`: steps taken.
-    - `damping`: λ used by the last accepted step (adaptive: the next try starts from it).
+    - `count`: updates made (including those that found no decrease and took no step).
+    - `damping`: λ of the last trial (adaptive: the next update starts from it).
     - `damping_growth`: the Levenberg–Marquardt growth factor ν for the next rejection.
     - `step_size`: the fraction of the step finally taken (0 when no decrease was found).
     - `rank`, `fallback`: what the last solve reported (`rank` from the Gram eigenvalues with
-      `track_min_singular_value=True`; the Cholesky estimate, blind to damped directions,
-      otherwise).
-    - `cost`: C before the last step.
+      `track_min_singular_value=True`; a spectral factorization reports the numerical rank and
+      `fallback=True` where it is below min(QN, K)).
+    - `cost`: C before the last update.
     - `solver`: the method of the last step, an index into `outmetric.SOLVERS`
       (``om.SOLVERS[int(state.solver)]``; -1 before the first step): what `"auto"` picked.
     - `min_singular_value`: σ_min(D) before the last step with `track_min_singular_value=True`
       (-1 when not estimated).
     - `finite`: False when the last solve met NaN or inf in D or the residual; no step was
       taken then, and `fit` stops with a `NonFiniteError`.
+    - `status`: an `outmetric.RESULTS` code: `running`, or why the run should end
+      (``om.RESULTS(int(state.status))``); `fit` stops on it.
+    - `scale`: the damping scale S (MINPACK's running maximum of diag DᵀD), 0 before the first
+      update; ones under isotropic damping.
+    - `radius`: the trust radius Δ in the scaled norm (-1 before the first update, or when
+      the trust region is not used).
+    - `direction`: the last scaled direction $S^{1/2}\\delta$, the matrix-free solve's warm
+      start.
+    - `forcing`: the matrix-free solve's relative tolerance for the next update
+      (Eisenstat–Walker), and `gradient_norm` the ‖S^{-1/2}Dᵀr‖ it was computed from.
+    - `solve_converged`, `solve_steps`: whether the last solve reached its tolerance (False
+      only for an iterative solve stopped by its iteration cap) and its iterations.
     """
 
     count: Int[Array, ""]
@@ -259,6 +279,41 @@ class OutputMetricDescentState(NamedTuple):
     solver: Int[Array, ""] = np.asarray(-1, np.int32)
     min_singular_value: Float[Array, ""] = np.asarray(-1.0)
     finite: Bool[Array, ""] = np.asarray(True)
+    status: Int[Array, ""] = np.asarray(0, np.int32)
+    scale: Float[Array, " K"] | None = None
+    radius: Float[Array, ""] = np.asarray(-1.0)
+    direction: Float[Array, " K"] | None = None
+    forcing: Float[Array, ""] = np.asarray(0.5)
+    gradient_norm: Float[Array, ""] = np.asarray(-1.0)
+    solve_converged: Bool[Array, ""] = np.asarray(True)
+    solve_steps: Int[Array, ""] = np.asarray(0, np.int32)
+
+
+#: Adaptive damping rules: "auto" (the trust region where a spectral factorization makes
+#: every λ cheap), MINPACK's "trust_region", or Nielsen's "levenberg_marquardt".
+STEP_RULES = ("auto", "trust_region", "levenberg_marquardt")
+
+#: Scaled damping: "auto" (column scaling on the tall side under adaptive damping), or either.
+SCALINGS = ("auto", "jacobian", "identity")
+
+#: Eisenstat–Walker (choice 2) for the matrix-free solve: η_k = γ(‖g_k‖/‖g_{k-1}‖)^2, at most
+#: `FORCING_MAX`, at least the solve tolerance.
+FORCING_GAMMA, FORCING_MAX = 0.9, 0.5
+
+
+def _default_tolerance(value, dtype) -> float:
+    """xtol, gtol and the CG floor: 1e-10 in float64, 1e-5 in float32."""
+    if value is not None:
+        return value
+    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+
+
+def _default_ftol(value, dtype) -> float:
+    """ftol: 10ε, so the test fires where a reduction is round-off, not before (a relative
+    cost reduction of 1e-10 can leave parameters wrong in the fourth digit)."""
+    if value is not None:
+        return value
+    return 10.0 * float(jnp.finfo(dtype).eps)
 
 
 def output_metric_descent(
@@ -266,9 +321,14 @@ def output_metric_descent(
     *,
     damping: float | str = "adaptive",
     initial_damping: float = 1e-3,
+    scaling: str = "auto",
+    step_rule: str = "auto",
     solver: str = "auto",
     linesearch: str | None = "backtracking",
     max_linesearch_steps: int = 30,
+    ftol: float | None = None,
+    xtol: float | None = None,
+    gtol: float | None = None,
     rtol: float | None = None,
     cg_tol: float | None = None,
     cg_max_steps: int | None = None,
@@ -279,39 +339,73 @@ def output_metric_descent(
     memory_budget: int | None = None,
     track_min_singular_value: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Output-metric descent: the discretised adapted flow with safeguards.
+    r"""Output-metric descent: the discretised adapted flow with safeguards and stopping tests.
 
-    $$\theta_{k+1} = \theta_k - \eta_k\,\alpha_k\,D^\top(DD^\top + \lambda_k I)^{-1}(x - y)$$
+    $$\theta_{k+1} = \theta_k - \eta_k\,\alpha_k\,\delta_k,\qquad
+    (D^\top D + \lambda_k S_k)\,\delta_k = D^\top r,\quad r = N\nabla_x C\ (= x - y\text{ for L}^2),$$
 
-    (for a general loss, $N\nabla_x C$ replaces $x - y$), computed on the smaller side of the
-    solve. $\eta_k$ is the learning rate (or schedule) and:
+    computed on the smaller side of the solve ($\delta = S^{-1/2}\tilde D^\top(\tilde D\tilde
+    D^\top + \lambda I)^{-1}r$ with $\tilde D = DS^{-1/2}$; DESIGN §6). $\eta_k$ is the learning
+    rate (or schedule). S is the damping scale:
 
-    - `damping="adaptive"` (default): Levenberg–Marquardt. λ starts at `initial_damping` times
-      the mean diagonal of the Gram matrix and follows the gain ratio
-      $\rho = (C(\theta) - C(\theta + s)) / (\langle\nabla_xC, -Ds\rangle - \|Ds\|^2/2N)$ of the
-      trial step $s$: accept when $\rho > 10^{-4}$ and decrease λ by
-      $\max(1/3, 1 - (2\rho - 1)^3)$, otherwise multiply λ by ν and double ν (Nielsen's rule),
-      re-solving with the same Jacobian. Here $\alpha_k = 1$ or 0.
+    - `scaling="jacobian"`: MINPACK's $S = \mathrm{diag}(D^\top D)$, kept as the running maximum
+      of the squared column norms. The step is then invariant to a diagonal rescaling of θ,
+      which is what fits with parameters of very different magnitudes need (NIST's span
+      1e-9 … 1e3).
+    - `scaling="identity"`: S = I, the isotropic output-space damping of the theory; as λ → 0 it
+      gives the minimum-norm step $D^+r$ of the adapted flow (on the wide side, QN ≤ K, a
+      scaled λ → 0 limit is a different, $S$-weighted minimum-norm step).
+    - `scaling="auto"` (default): "jacobian" on the tall side (K < QN, curve fits and PINNs)
+      under adaptive damping, where every S gives the same Gauss–Newton limit and only the path
+      of the damping changes; "identity" on the wide side and under fixed damping.
+
+    Damping and step:
+
+    - `damping="adaptive"` (default), with a spectral factorization (`solver="svd"` or
+      `"eigh"`, or `"auto"` on the tall side while D fits): MINPACK's trust region. One SVD of
+      $\tilde D$ (or eigendecomposition of its Gram) per update serves every λ, λ solving
+      $\|\tilde\delta(\lambda)\| = \Delta$ in closed form, Δ adapted from the gain ratio ρ
+      (`outmetric._search.trust_region`); rank loss is read off the spectrum.
+    - `damping="adaptive"` with `"cholesky"` (the wide side's default) or `"qr"`: Levenberg–
+      Marquardt with Nielsen's rule, one Cholesky of the damped Gram per λ tried; λ starts at
+      `initial_damping` times the mean diagonal of the (scaled) Gram (`_search.levenberg_marquardt`).
+    - `damping="adaptive"` with a matrix-free solver (`"cg"`): one inexact CG solve per update
+      on the K side, warm-started from the previous direction and stopped by the
+      Eisenstat–Walker forcing rule (or at `cg_tol` when given); λ is adapted between updates
+      from ρ, as in Hessian-free optimisation, and an update without decrease takes no step.
     - `damping=λ` (a number ≥ 0): fixed damping; with `linesearch="backtracking"` the step
-      fraction $\alpha_k$ is the largest of 1, 1/2, 1/4, … that decreases C.
-    - `linesearch=None` with fixed damping: the plain Euler step ($\alpha_k = 1$).
+      fraction $\alpha_k$ is the largest of 1, 1/2, 1/4, … that decreases C; with
+      `linesearch=None` the plain Euler step ($\alpha_k = 1$; for a model linear in θ with
+      λ = 0 the residual shrinks by exactly $(1 - \eta)$ per step).
 
-    With adaptive damping or backtracking the cost never increases: a step that finds no
-    decrease is not taken (`state.step_size == 0`). For a model linear in θ with λ = 0 and no
-    line search the residual shrinks by exactly $(1 - \eta)$ per step.
+    With adaptive damping or backtracking the cost never increases: an update that finds no
+    decrease takes no step (`state.step_size == 0`).
+
+    Termination (MINPACK's tests, DESIGN §6), reported as `state.status` (an
+    `outmetric.RESULTS` code) and acted on by `fit`: `ftol` (actual and predicted relative
+    reductions of C both ≤ ftol), `xtol` (the scaled step or trust radius ≤ xtol·‖S^{1/2}θ‖),
+    `gtol` (largest cosine between r and a column of D ≤ gtol; tested where the column norms
+    are at hand: a dense D, the tall side's Gram, or scaled damping), and `stalled` (no decrease
+    found within the update's trials). Defaults: ftol = 10ε (the reductions are round-off), xtol
+    = gtol = 1e-10 in float64 and 1e-5 in float32. The trust region starts at Δ = ‖S^{1/2}θ₀‖
+    (MINPACK's `factor` = 1; its usual 100 lets the first step leap onto plateaus, as on NIST's
+    BoxBOD from its first start).
 
     **Arguments:**
 
     - `learning_rate`: η in (0, 1], or an optax schedule of the step count.
     - `damping`: `"adaptive"` or a fixed λ ≥ 0.
-    - `initial_damping`: the adaptive λ's start, relative to the mean Gram diagonal.
-    - `solver`: as in `scale_by_output_metric`; `"auto"` picks Cholesky of the damped Gram.
-    - `linesearch`: `"backtracking"` or None (ignored under adaptive damping, which already
-      accepts or rejects each step).
-    - `max_linesearch_steps`: trials per update (halvings, or λ increases).
+    - `initial_damping`: the Levenberg–Marquardt λ's start, relative to the mean Gram diagonal.
+    - `scaling`: `"auto"`, `"jacobian"` or `"identity"` (above).
+    - `solver`: as in `scale_by_output_metric`, plus `"eigh"` (eigendecomposition of the Gram,
+      without a dense D). `"auto"` picks `"svd"` on the tall side while D fits
+      (`plan_solve(..., many_dampings=True)`), else Cholesky of the damped Gram, else CG.
+    - `linesearch`: `"backtracking"` or None (fixed damping only).
+    - `max_linesearch_steps`: trials per update (halvings, λ increases or radius cuts).
+    - `ftol`, `xtol`, `gtol`: the termination tolerances (above).
     - `rtol`, `cg_tol`, `cg_max_steps`, `chunk_size`, `gram`, `preconditioner`,
-      `preconditioner_rank`, `memory_budget`: as in `scale_by_output_metric`. The Gram (or
-      the preconditioner) is formed once per update and reused by every λ tried.
+      `preconditioner_rank`, `memory_budget`: as in `scale_by_output_metric`. The Gram (or the
+      factorization) is formed once per update and reused by every λ tried.
     - `track_min_singular_value`: record σ_min(D) in `state.min_singular_value` each step (as
       in `scale_by_output_metric`); `fit` collects it into `FitResult.min_singular_values`.
 
@@ -333,27 +427,37 @@ def output_metric_descent(
         raise TypeError(f"learning_rate must be a number or an optax schedule, got {learning_rate!r}")
     if linesearch not in ("backtracking", None):
         raise ValueError(f"linesearch must be 'backtracking' or None, got {linesearch!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
+    if step_rule not in STEP_RULES:
+        raise ValueError(f"step_rule must be one of {list(STEP_RULES)}, got {step_rule!r}")
     # Numbers may arrive as arrays (optax.inject_hyperparams injects every numeric argument).
     tries = static_real(max_linesearch_steps)
     if (tries is None and not hasattr(max_linesearch_steps, "dtype")) or (
         tries is not None and not (tries.is_integer() and tries >= 1)
     ):
         raise ValueError(f"max_linesearch_steps must be a positive integer, got {max_linesearch_steps!r}")
+    max_trials = int(tries) if tries is not None else 30
     _check_nonnegative("initial_damping", initial_damping)
     _check_flag("track_min_singular_value", track_min_singular_value)
     _check_solve_options(rtol, cg_tol, cg_max_steps)
+    _check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
                          memory_budget)
-    solve_damping = 1.0 if adaptive else damping  # any non-zero traced λ picks the Cholesky path
+    solve_damping = 1.0 if adaptive else damping  # any non-zero traced λ picks a damped path
 
     def init_fn(params):
         check_params(params)
-        dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
+        flat = jax.flatten_util.ravel_pytree(params)[0]
+        dtype = flat.dtype
         lam = jnp.asarray(-1.0 if adaptive else damping, dtype)  # -1: set at the first step
         return OutputMetricDescentState(
             jnp.asarray(0, jnp.int32), lam, jnp.asarray(2.0, dtype), jnp.asarray(0.0, dtype),
             jnp.asarray(-1, jnp.int32), jnp.asarray(False), jnp.asarray(jnp.inf, dtype),
             jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0, dtype), jnp.asarray(True),
+            jnp.asarray(RESULTS.running, jnp.int32), jnp.zeros_like(flat),
+            jnp.asarray(-1.0, dtype), jnp.zeros_like(flat), jnp.asarray(FORCING_MAX, dtype),
+            jnp.asarray(-1.0, dtype), jnp.asarray(True), jnp.asarray(0, jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -361,10 +465,13 @@ def output_metric_descent(
         if params is None:
             raise ValueError("output_metric_descent.update needs params")
         problem = _require_problem("output_metric_descent", extra_args)
-        lin, method = _linearize(problem, params, solve_damping, solver, chunk_size, gram,
-                                 memory_budget)
-        pre = prepare_preconditioner(lin, preconditioner, preconditioner_rank) if (
-            method == "cg") else None
+        num_rows = problem.num_samples * problem.output_dim
+        flat0 = jax.flatten_util.ravel_pytree(params)[0]
+        wide = num_rows <= flat0.shape[0]
+        scaled = scaling == "jacobian" or (scaling == "auto" and adaptive and not wide)
+        plan_gram = "jacobian" if scaled and wide and gram == "auto" else gram
+        lin, method = _linearize(problem, params, solve_damping, solver, chunk_size, plan_gram,
+                                 memory_budget, many_dampings=adaptive)
         dtype = lin.flat_params.dtype
         eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
         eta = jnp.asarray(eta, dtype)
@@ -375,38 +482,108 @@ def output_metric_descent(
         # In the parameters' dtype: float32 params on float64 data compute in float64 but keep a
         # float32 state.
         residual = _residual_vector(problem, lin.outputs).astype(dtype)
-        grad_x = residual / problem.num_samples
         cost0 = problem.cost_from_outputs(lin.outputs).astype(dtype)
+        ftol_ = _default_ftol(ftol, dtype)
+        xtol_ = _default_tolerance(xtol, dtype)
+        gtol_ = _default_tolerance(gtol, dtype)
 
-        def solve_with(lam):
-            return solve(lin, residual, damping=lam, solver=method, rtol=rtol, cg_tol=cg_tol,
-                         cg_max_steps=cg_max_steps, preconditioner=pre)
+        # The damping scale S and the columns of D (the gtol test), where they are at hand.
+        columns_at_hand = scaled or lin.jacobian is not None or (lin.gram is not None
+                                                                  and not wide)
+        flat = lin.flat_params
+        if columns_at_hand:
+            column_sq = lin.column_diagonal().astype(dtype)
+            scale = jnp.maximum(state.scale.astype(dtype), column_sq) if scaled else None
+        if scaled:
+            scale = jnp.where(scale > 0, scale, 1.0)
+            inv_sqrt = 1.0 / jnp.sqrt(scale)
+            scaled_lin = scale_columns(lin, inv_sqrt)
+            xnorm = jnp.linalg.norm(jnp.sqrt(scale) * flat)
+        else:
+            scale = jnp.ones_like(flat)
+            inv_sqrt = scale
+            scaled_lin = lin
+            xnorm = jnp.linalg.norm(flat)
+        gradient = scaled_lin.rmatvec(residual)  # S^{-1/2} Dᵀ r
+        gradient_norm = jnp.linalg.norm(gradient)
+        if columns_at_hand:
+            gtol_hit = gradient_test(gradient * jnp.sqrt(scale) if scaled else gradient,
+                                     jnp.sqrt(column_sq), jnp.linalg.norm(residual), gtol_)
+        else:
+            gtol_hit = jnp.asarray(False)
 
         def trial_cost(step):
-            return problem.cost(lin.unravel(lin.flat_params - step)).astype(dtype)
+            return problem.cost(lin.unravel(flat - step)).astype(dtype)
 
-        if adaptive:
-            step, lam, nu, taken, result = _levenberg_marquardt(
-                lin, solve_with, trial_cost, state, eta, grad_x, cost0, problem.num_samples,
-                initial_damping, max_linesearch_steps,
-            )
-        else:
-            result = solve_with(jnp.asarray(damping, dtype))
-            lam, nu = state.damping, state.damping_growth
-            if linesearch == "backtracking":
-                step, taken = _backtrack(eta * result.delta, trial_cost, cost0,
-                                         max_linesearch_steps)
+        common = (inv_sqrt, eta, cost0, trial_cost, problem.num_samples)
+        spectral = method in ("svd", "eigh")
+        matrix_free = method in MATRIX_FREE
+        forcing = state.forcing
+        if spectral:
+            factor = SpectralFactor(scaled_lin, residual,
+                                    _rtol(rtol, lin.shape, dtype), use_gram=method == "eigh")
+        elif method == "cg" and adaptive:
+            if cg_tol is None:
+                ratio = gradient_norm / jnp.where(state.gradient_norm > 0, state.gradient_norm,
+                                                  gradient_norm)
+                forcing = jnp.where(state.gradient_norm > 0, FORCING_GAMMA * ratio**2,
+                                    FORCING_MAX)
+                safeguard = FORCING_GAMMA * state.forcing**2
+                forcing = jnp.where(safeguard > 0.1, jnp.maximum(forcing, safeguard), forcing)
+                forcing = jnp.clip(forcing, _default_tolerance(None, dtype), FORCING_MAX)
             else:
-                step, taken = eta * result.delta, jnp.asarray(1.0, dtype)
+                forcing = jnp.asarray(cg_tol, dtype)
+            max_cg = cg_max_steps or 10 * min(lin.shape) + 10
+            column_diag = scaled_lin.column_diagonal() if preconditioner == "jacobi" else None
+            factor = _KrylovFactor(scaled_lin, residual, state.direction.astype(dtype),
+                                   forcing.astype(dtype), max_cg, column_diag)
+        else:
+            pre = prepare_preconditioner(scaled_lin, preconditioner, preconditioner_rank) if (
+                method == "cg") else None
+            factor = DirectFactor(scaled_lin, residual, method, rtol, cg_tol=cg_tol,
+                                  cg_max_steps=cg_max_steps, preconditioner=pre)
+
+        if not adaptive:
+            outcome = backtracking(factor.step(jnp.asarray(damping, dtype)), *common,
+                                   xnorm=xnorm, ftol=ftol_, xtol=xtol_, max_trials=max_trials,
+                                   enabled=linesearch == "backtracking")
+        elif spectral and step_rule in ("auto", "trust_region"):
+            outcome = trust_region(factor, *common, radius=state.radius,
+                                   first=state.radius < 0, xnorm=xnorm, ftol=ftol_, xtol=xtol_,
+                                   max_trials=max_trials)
+        else:
+            mean_diagonal = _mean_gram_diagonal(scaled_lin, gradient)
+            lam0 = jnp.where(state.damping < 0, initial_damping * mean_diagonal, state.damping)
+            # The Cholesky factorization of the damped Gram needs λ above round-off of the Gram;
+            # CG and the rest only need λ > 0 for the multiplicative rule.
+            unit = max(lin.shape) * 10.0 if method == "cholesky" else 1.0
+            floor = unit * float(jnp.finfo(dtype).eps) * mean_diagonal
+            outcome = levenberg_marquardt(
+                factor, *common, damping=lam0, growth=state.damping_growth, floor=floor,
+                cap=1e16 * mean_diagonal, xnorm=xnorm, ftol=ftol_, xtol=xtol_,
+                max_trials=1 if matrix_free else max_trials)
+
+        result = outcome.solve
+        status = jnp.where(gtol_hit, RESULTS.gtol_reached, outcome.status).astype(jnp.int32)
         # A solve that met NaN or inf returned a zero δ: no step is taken, and none is claimed.
-        step = jnp.where(result.finite, step, 0.0)
-        taken = jnp.where(result.finite, taken, 0.0).astype(dtype)
+        ok = result.finite & ~gtol_hit
+        step = jnp.where(ok, outcome.step, 0.0)
+        taken = jnp.where(ok, outcome.taken, 0.0).astype(dtype)
         new_updates = lin.unravel(-step)
         new_updates = jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), new_updates, params)
         rank, sigma = _spectrum_report(lin, result, track_min_singular_value, rtol)
+        fallback = result.fallback
+        if spectral:
+            fallback = factor.rank < min(lin.shape)
+        damping_out = outcome.damping if adaptive else state.damping
         new_state = OutputMetricDescentState(
-            state.count + 1, lam, nu, taken, rank, result.fallback, cost0, _solver_code(method),
-            sigma, result.finite & jnp.isfinite(cost0),
+            state.count + 1, damping_out.astype(dtype), outcome.growth.astype(dtype), taken,
+            rank, fallback, cost0, _solver_code(method), sigma,
+            result.finite & jnp.isfinite(cost0), status,
+            scale.astype(state.scale.dtype) if scaled else jnp.ones_like(state.scale),
+            outcome.radius.astype(dtype), result.delta.astype(state.direction.dtype),
+            forcing.astype(dtype), gradient_norm.astype(dtype), result.converged,
+            jnp.asarray(result.num_steps, jnp.int32),
         )
         return new_updates, new_state
 
@@ -414,75 +591,41 @@ def output_metric_descent(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _backtrack(step, trial_cost, cost0, max_steps):
-    """Largest α in {1, 1/2, …} with C(θ − α·step) < C(θ); α = 0 if none within `max_steps`."""
+class _KrylovFactor:
+    """One matrix-free CG solve per λ (`normal_equations_cg`), warm-started and forced."""
 
-    def cond(carry):
-        i, alpha, done = carry
-        return (i < max_steps) & ~done
+    def __init__(self, lin, residual, initial, forcing, max_steps, column_diagonal):
+        self._args = (lin, residual)
+        self._options = dict(initial=initial, forcing=forcing, max_steps=max_steps,
+                             column_diagonal=column_diagonal)
 
-    def body(carry):
-        i, alpha, _ = carry
-        value = trial_cost(alpha * step)
-        ok = jnp.isfinite(value) & (value < cost0)
-        return i + 1, jnp.where(ok, alpha, 0.5 * alpha), ok
-
-    one = jnp.asarray(1.0, step.dtype)
-    _, alpha, found = jax.lax.while_loop(cond, body, (0, one, jnp.asarray(False)))
-    alpha = jnp.where(found, alpha, 0.0)
-    # Not α·step: a non-finite step (from a non-finite Jacobian) times α = 0 would be NaN.
-    return jnp.where(found, alpha * step, jnp.zeros_like(step)), alpha
+    def step(self, lam):
+        return normal_equations_cg(*self._args, lam, **self._options)
 
 
-def _levenberg_marquardt(lin, solve_with, trial_cost, state, eta, grad_x, cost0, num_samples,
-                         initial_damping, max_tries):
-    """Adapt λ by the gain ratio, re-solving with the same linearization until C decreases."""
+def _rtol(rtol, shape, dtype):
+    return default_rtol(*shape, dtype) if rtol is None else rtol
+
+
+def _mean_gram_diagonal(lin, gradient):
+    """The mean diagonal of the Gram of the smaller side, ‖D‖_F²/min(QN, K): λ's unit."""
     dtype = lin.flat_params.dtype
-    num_rows, num_params = lin.shape
+    size = min(lin.shape)
     if lin.gram is not None:
-        scale = jnp.trace(lin.gram) / num_rows
+        total = jnp.trace(lin.gram)
     elif lin.jacobian is not None:
-        scale = jnp.sum(lin.jacobian**2) / num_rows
+        total = jnp.sum(lin.jacobian**2)
+    elif lin.column_diagonal is not None and lin.shape[0] > lin.shape[1]:
+        total = jnp.sum(lin.column_diagonal())
     else:  # matrix-free: Hutchinson estimate of ‖D‖_F² from one Rademacher probe
-        probe = jax.random.rademacher(jax.random.PRNGKey(0), (num_rows,), dtype)
-        scale = jnp.sum(lin.rmatvec(probe) ** 2) / num_rows
-    scale = jnp.maximum(scale, jnp.finfo(dtype).tiny).astype(dtype)
-    # Below this floor the damped Gram's Cholesky pivots lose all accuracy (and would send the
-    # solve to its SVD fallback); above the cap the step underflows.
-    floor = 10.0 * max(num_rows, num_params) * float(jnp.finfo(dtype).eps) * scale
-    cap = 1e16 * scale
-    lam0 = jnp.where(state.damping < 0, initial_damping * scale, state.damping)
-    lam0 = jnp.clip(lam0, floor, cap)
-    zero_step = jnp.zeros_like(lin.flat_params)
-    no_result = SolveResult(zero_step, jnp.asarray(-1, jnp.int32), jnp.asarray(False),
-                            jnp.asarray(True))
+        probe = jax.random.rademacher(jax.random.PRNGKey(0), (lin.shape[0],), dtype)
+        total = jnp.sum(lin.rmatvec(probe) ** 2)
+    return jnp.maximum(total / size, jnp.finfo(dtype).tiny).astype(dtype)
 
-    def cond(carry):
-        i, lam, nu, accepted, step, result = carry
-        return (i < max_tries) & ~accepted
 
-    def body(carry):
-        i, lam, nu, _, _, _ = carry
-        result = solve_with(lam)
-        step = eta * result.delta
-        d_step = lin.matvec(step)
-        predicted = jnp.vdot(grad_x.reshape(-1), d_step) - jnp.vdot(d_step, d_step) / (
-            2 * num_samples)
-        value = trial_cost(step)
-        actual = cost0 - value
-        gain = jnp.where(predicted > 0, actual / jnp.where(predicted > 0, predicted, 1.0), -1.0)
-        accepted = jnp.isfinite(value) & (actual > 0) & (gain > 1e-4)
-        shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * gain - 1.0) ** 3)
-        new_lam = jnp.where(accepted, lam * shrink, lam * nu)
-        new_nu = jnp.where(accepted, 2.0, 2.0 * nu)
-        lam_out = jnp.clip(new_lam, floor, cap)
-        return (i + 1, lam_out.astype(dtype), new_nu.astype(dtype), accepted,
-                jnp.where(accepted, step, zero_step).astype(dtype), result)
-
-    init = (0, lam0, state.damping_growth, jnp.asarray(False), zero_step, no_result)
-    _, lam, nu, accepted, step, result = jax.lax.while_loop(cond, body, init)
-    # No decrease within the budget (at the round-off floor, or at a stationary point): keep the
-    # λ this update started from rather than leave it at the escalated value.
-    lam = jnp.where(accepted, lam, lam0)
-    nu = jnp.where(accepted, nu, 2.0)
-    return step, lam, nu, accepted.astype(dtype), result
+def _check_tolerances(**tolerances) -> None:
+    for name, value in tolerances.items():
+        if value is None or hasattr(value, "dtype"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be a number in [0, 1) or None, got {value!r}")
