@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ._checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from ._errors import NonFiniteError
 from ._problem import Problem, check_params, static_real
+from ._results import RESULTS
 from ._transform import (
     GRADIENT_FREE,
     OutputMetricDescentState,
@@ -36,7 +37,8 @@ class FitResult(NamedTuple):
     - `costs`: C at the start of each step and at the end, shape `(num_steps + 1,)` (for the
       mini-batch form: each batch's cost before its step).
     - `num_steps`: optimizer steps taken (including those before a resumed checkpoint).
-    - `converged`: whether C ≤ `eps` was reached (False without `eps`).
+    - `converged`: whether the run ended on a convergence code of `status` (C ≤ `eps`, or the
+      optimizer's ftol, xtol or gtol test).
     - `fallback_steps`: how many steps' output-metric solves fell back to the rank-revealing
       SVD because the Gram matrix was singular or too ill-conditioned for its factorization
       (0 for optimizers without an output-metric solve).
@@ -47,6 +49,10 @@ class FitResult(NamedTuple):
     - `min_singular_values`: σ_min(D) at each step, shape `(num_steps,)`, from optimizers
       built with ``track_min_singular_value=True`` (-1 where not estimated): watch it fall to
       see a rank loss coming.
+    - `status`: why the run ended, an `outmetric.RESULTS` member (`eps_reached`,
+      `ftol_reached`, `xtol_reached`, `gtol_reached`, `stalled`, `max_steps_reached`,
+      `stopped_by_callback`, or `nonfinite` on the result a `NonFiniteError` carries);
+      `message` says it in words.
     """
 
     params: PyTree
@@ -58,6 +64,12 @@ class FitResult(NamedTuple):
     min_rank: int = -1
     resumed_from: int = 0
     min_singular_values: np.ndarray | None = None
+    status: RESULTS = RESULTS.running
+
+    @property
+    def message(self) -> str:
+        """Why the run ended, in words (`status.message`)."""
+        return self.status.message
 
 
 _DEFAULT_OPTIMIZER: list = []
@@ -86,17 +98,20 @@ def _is_solve_state(x) -> bool:
     return isinstance(x, (OutputMetricDescentState, ScaleByOutputMetricState))
 
 
-def _solve_report(state) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _solve_report(state) -> tuple[jax.Array, ...]:
     """(any SVD fallback, smallest rank estimate or -1, smallest σ_min(D) or -1, all solves
-    finite) over the outmetric states inside `state`.
+    finite, termination status) over the outmetric states inside `state`; the status is the
+    largest `RESULTS` code of the `output_metric_descent` states (`running` if none).
 
     Finds `OutputMetricDescentState`/`ScaleByOutputMetricState` however the optimizer nests
     them (`optax.chain`, `inject_hyperparams`, `apply_if_finite`, ...).
     """
     states = [s for s in jax.tree_util.tree_leaves(state, is_leaf=_is_solve_state)
               if _is_solve_state(s)]
+    running = jnp.asarray(RESULTS.running, jnp.int32)
     if not states:
-        return jnp.asarray(False), jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0), jnp.asarray(True)
+        return (jnp.asarray(False), jnp.asarray(-1, jnp.int32), jnp.asarray(-1.0),
+                jnp.asarray(True), running)
     fallback = jnp.any(jnp.stack([jnp.asarray(s.fallback, bool) for s in states]))
     ranks = jnp.stack([jnp.asarray(s.rank, jnp.int32) for s in states])
     known = ranks >= 0
@@ -105,7 +120,10 @@ def _solve_report(state) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     seen = sigmas >= 0
     sigma = jnp.where(jnp.any(seen), jnp.min(jnp.where(seen, sigmas, jnp.inf)), -1.0)
     finite = jnp.all(jnp.stack([jnp.asarray(s.finite, bool) for s in states]))
-    return fallback, rank.astype(jnp.int32), sigma, finite
+    codes = [jnp.asarray(s.status, jnp.int32) for s in states
+             if isinstance(s, OutputMetricDescentState)]
+    status = jnp.max(jnp.stack(codes)) if codes else running
+    return fallback, rank.astype(jnp.int32), sigma, finite, status
 
 
 def _merge_rank(current, new):
@@ -135,34 +153,37 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
 
     `carry` is (params, state, prev_params, prev_state, has_prev, fallbacks, min_rank), where
     `prev_*` are the params and state before the last step taken (`has_prev` says whether there
-    is one). The loop stops at C ≤ eps or at a non-finite value. A non-finite cost at the
-    current params means the last step led somewhere the model is not finite: that step is
-    undone (`rolled_back`). Non-finite new params are never taken.
+    is one). The loop stops at C ≤ eps, at a non-finite value, or when the optimizer's state
+    reports a termination status (`RESULTS`; the update that reports it is kept). A
+    non-finite cost at the current params means the last step led somewhere the model is not
+    finite: that step is undone (`rolled_back`). Non-finite new params are never taken.
 
     Returns (steps taken, carry, costs before each step (length `chunk`), σ_min(D) of each
     step's solve (length `chunk`, -1 where not estimated), done, bad, rolled_back,
-    solve_bad). `solve_bad`: the last step's output-metric solve met NaN or inf (in D or the
-    residual), so the step was not taken and the run cannot go on. Only `chunk` is static, so every chunk of every `fit` call with that chunk
-    size reuses one compilation, and where chunks end does not change the arithmetic.
+    solve_bad, status, cost at the final params). `solve_bad`: the last step's output-metric
+    solve met NaN or inf (in D or the residual), so the step was not taken and the run cannot
+    go on. Only `chunk` is static, so every chunk of every `fit` call with that chunk size
+    reuses one compilation, and where chunks end does not change the arithmetic.
     """
     params = carry[0]
     dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
     costs = jnp.full(chunk, jnp.nan, dtype)
     sigmas = jnp.full(chunk, -1.0, dtype)
+    running = jnp.asarray(RESULTS.running, jnp.int32)
 
     def cond(loop):
-        i, _, _, _, done, bad, _, _ = loop
-        return (i < num) & ~done & ~bad
+        i, _, _, _, done, bad, _, _, status = loop
+        return (i < num) & ~done & ~bad & (status == running)
 
     def body(loop):
-        i, carry, costs, sigmas, _, _, _, _ = loop
+        i, carry, costs, sigmas, _, _, _, _, _ = loop
         params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
         cost, new_params, new_state, params_ok = _step(optimizer, problem, params, state,
                                                        use_grad)
         costs = costs.at[i].set(cost.astype(dtype))
         cost_ok = jnp.isfinite(cost)
         done = cost_ok & (cost <= eps)
-        fallback, rank, sigma, solve_ok = _solve_report(new_state)
+        fallback, rank, sigma, solve_ok, status = _solve_report(new_state)
         solve_bad = cost_ok & ~done & ~solve_ok
         advance = cost_ok & params_ok & solve_ok & ~done
         rolled_back = ~cost_ok & has_prev
@@ -176,12 +197,15 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
             fallbacks + (advance & fallback).astype(fallbacks.dtype),
             jnp.where(advance, _merge_rank(min_rank, rank), min_rank),
         )
+        status = jnp.where(done, RESULTS.eps_reached, jnp.where(advance, status, running))
         return (i + advance.astype(i.dtype), carry, costs, sigmas, done, ~advance & ~done,
-                rolled_back, solve_bad)
+                rolled_back, solve_bad, status.astype(jnp.int32))
 
     init = (jnp.asarray(0, jnp.int32), carry, costs, sigmas, jnp.asarray(False),
-            jnp.asarray(False), jnp.asarray(False), jnp.asarray(False))
-    return jax.lax.while_loop(cond, body, init)
+            jnp.asarray(False), jnp.asarray(False), jnp.asarray(False), running)
+    out = jax.lax.while_loop(cond, body, init)
+    final_cost = problem.cost(out[1][0]).astype(dtype)
+    return (*out, final_cost)
 
 
 def _is_real_number(value) -> bool:
@@ -224,7 +248,8 @@ def fit(
     - `max_steps`: the total step budget (a resumed run counts the steps before its checkpoint).
     - `callback`: `callback(step, params, state, cost)` after each chunk; return True to stop.
     - `progress`: show a tqdm bar.
-    - `chunk_size`: steps per compiled chunk (default 10); the host checks in between.
+    - `chunk_size`: steps per compiled chunk (default 10, or 100 without a progress bar,
+      callback or checkpoints); the host checks in between.
     - `batches`: an iterable of `(inputs, targets)` mini-batches for the stochastic adapted
       method: one step (one solve) per batch on `problem.with_data(inputs, targets)`.
     - `checkpoint_dir`: a folder (created if missing) where ``checkpoint.npz`` holds params,
@@ -278,11 +303,11 @@ def fit(
     use_grad = _uses_gradient(optimizer)
     optimizer = optax.with_extra_args_support(optimizer)
     if batches is None:  # (the mini-batch form checks each batch's cost as it comes)
-        cost0 = float(problem.cost(params))  # also checks apply_fn's output shape early
+        cost0 = float(_cost(problem, params))  # also checks apply_fn's output shape early
         if not math.isfinite(cost0):
             raise ValueError("params give a non-finite initial cost: the model returns NaN or "
                              "inf at the initial params")
-    state = optimizer.init(params)
+    state = _init(optimizer, params)
     start = _Progress(0, params, state, (), 0, -1, ())
     fingerprint = _data_fingerprint(problem) if checkpoint is not None else None
     if checkpoint is not None and resume and os.path.exists(checkpoint):
@@ -303,7 +328,10 @@ def fit(
                           tuple(np.asarray(sigmas, float).reshape(-1).tolist()))
     if checkpoint is not None:
         os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
-    chunk = int(chunk_size or 10)
+    # The host sees the run between chunks; without a bar, a callback or checkpoints it has
+    # nothing to do there, and longer chunks save the dispatches.
+    interactive = progress or callback is not None or checkpoint is not None
+    chunk = int(chunk_size or (10 if interactive else 100))
     every = int(checkpoint_every or chunk) if checkpoint is not None else None
     run = _fit_batches if batches is not None else _fit_full
     checkpoint = None if checkpoint is None else (checkpoint, fingerprint)
@@ -402,6 +430,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="step")
     done = bad = rolled_back = stopped = solve_bad = False
     final_cost = None
+    status = RESULTS.running
     try:
         while snap.step < max_steps and not (done or bad or stopped):
             num = min(chunk, max_steps - snap.step)
@@ -409,20 +438,26 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
                 num = min(num, every - snap.step % every)
             carry = (snap.params, snap.state, *prev, jnp.asarray(snap.fallback_steps, jnp.int32),
                      jnp.asarray(snap.min_rank, jnp.int32))
-            taken, carry, costs, sigmas, done_c, bad_c, back_c, solve_bad_c = _run_chunk(
-                optimizer, problem, carry, jnp.asarray(num), eps_value, use_grad, chunk
-            )
+            (taken, carry, costs, sigmas, done_c, bad_c, back_c, solve_bad_c, status_c,
+             final_c) = _run_chunk(optimizer, problem, carry, jnp.asarray(num), eps_value,
+                                   use_grad, chunk)
             taken, done, bad, rolled_back = int(taken), bool(done_c), bool(bad_c), bool(back_c)
             solve_bad = bool(solve_bad_c)
+            status = RESULTS(int(status_c))
+            final_cost = float(final_c)
             costs = np.asarray(costs)
             history = snap.costs + tuple(costs[:taken].tolist())
             sigma_history = snap.sigmas + tuple(np.asarray(sigmas)[:taken].tolist())
+            params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
+            if not bad and not math.isfinite(final_cost) and bool(has_prev):
+                # The last step of the chunk led where the cost is not finite: undo it here,
+                # as the next chunk would have, so neither the result nor a checkpoint keeps it.
+                params, state, has_prev = prev_params, prev_state, jnp.asarray(False)
+                bad = rolled_back = True
             if rolled_back:  # the last step (maybe of an earlier chunk) is undone
                 history = history[:-1]
                 sigma_history = sigma_history[:-1]
-            if done:
-                final_cost = float(costs[taken])
-            params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
+                final_cost = history[-1] if history else float("nan")
             prev = (prev_params, prev_state, has_prev)
             snap = _Progress(len(history), params, state, history, int(fallbacks), int(min_rank),
                              sigma_history)
@@ -433,6 +468,8 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             if callback is not None and callback(snap.step, snap.params, snap.state,
                                                  history[-1] if history else float("nan")):
                 stopped = True
+            if status != RESULTS.running:
+                break
     except BaseException:  # Ctrl-C, a failing callback, a traced error: keep the progress
         _save(checkpoint, snap)
         raise
@@ -440,11 +477,19 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
         bar.close()
     _save_unless_saved(checkpoint, snap, saved_at)
     if final_cost is None:
-        final_cost = float(problem.cost(snap.params))
+        final_cost = float(_cost(problem, snap.params))
+    if done:
+        status = RESULTS.eps_reached
+    elif bad:
+        status = RESULTS.nonfinite
+    elif stopped and status == RESULTS.running:
+        status = RESULTS.stopped_by_callback
+    elif status == RESULTS.running and snap.step >= max_steps:
+        status = RESULTS.max_steps_reached
     history = np.asarray(snap.costs + (final_cost,))
-    result = FitResult(snap.params, snap.state, history, snap.step,
-                       bool(eps is not None and final_cost <= eps), snap.fallback_steps,
-                       snap.min_rank, resumed_from, np.asarray(snap.sigmas, float))
+    result = FitResult(snap.params, snap.state, history, snap.step, status.converged,
+                       snap.fallback_steps, snap.min_rank, resumed_from,
+                       np.asarray(snap.sigmas, float), status)
     _warn_rank_loss(problem, result)
     if bad:
         if solve_bad:
@@ -455,6 +500,18 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             what = "the update gave non-finite parameters"
         raise NonFiniteError(_finite_cost_message(what, snap.step), result)
     return result
+
+
+@eqx.filter_jit
+def _cost(problem, params):
+    """C(params), compiled once per problem structure (the eager call costs milliseconds)."""
+    return problem.cost(params)
+
+
+@eqx.filter_jit
+def _init(optimizer, params):
+    """optimizer.init(params), compiled once per optimizer."""
+    return optimizer.init(params)
 
 
 @eqx.filter_jit
@@ -469,7 +526,7 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
     del chunk
     resumed_from = saved_at = snap.step
     prev = None  # (params, state) before the last step
-    converged = False
+    converged = stopped = False
     failure = None
     last_cost = None
     iterator = iter(batches)
@@ -488,8 +545,8 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
             except (TypeError, ValueError):
                 raise TypeError("batches must yield (inputs, targets) pairs") from None
             batch_problem = problem.with_data(inputs, targets)
-            cost, new_params, new_state, params_ok, fallback, rank, sigma, solve_ok = _batch_step(
-                optimizer, batch_problem, snap.params, snap.state, use_grad)
+            (cost, new_params, new_state, params_ok, fallback, rank, sigma, solve_ok,
+             _) = _batch_step(optimizer, batch_problem, snap.params, snap.state, use_grad)
             cost = float(cost)
             if not math.isfinite(cost):
                 if prev is not None:  # the previous step led somewhere the model is not finite
@@ -517,6 +574,7 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
             if every is not None and snap.step % every == 0:
                 saved_at = _save(checkpoint, snap)
             if callback is not None and callback(snap.step, snap.params, snap.state, cost):
+                stopped = True
                 break
     except BaseException:  # Ctrl-C, a failing callback, a traced error: keep the progress
         _save(checkpoint, snap)
@@ -525,9 +583,21 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
         bar.close()
     _save_unless_saved(checkpoint, snap, saved_at)
     costs = snap.costs + ((last_cost,) if converged else ())
+    # Each batch is other data: the optimizer's per-update tests (ftol, xtol, stall) do not end
+    # a mini-batch run; eps, the budget, the callback and the data do.
+    if converged:
+        status = RESULTS.eps_reached
+    elif failure is not None:
+        status = RESULTS.nonfinite
+    elif stopped:
+        status = RESULTS.stopped_by_callback
+    elif snap.step >= max_steps:
+        status = RESULTS.max_steps_reached
+    else:
+        status = RESULTS.data_exhausted
     result = FitResult(snap.params, snap.state, np.asarray(costs), snap.step, converged,
                        snap.fallback_steps, snap.min_rank, resumed_from,
-                       np.asarray(snap.sigmas, float))
+                       np.asarray(snap.sigmas, float), status)
     _warn_rank_loss(problem, result)
     if failure is not None:
         raise NonFiniteError(_finite_cost_message(failure, snap.step).replace("step", "batch", 1),
