@@ -98,16 +98,20 @@ def ill_conditioned_problem(num_points=200, width=60):
     return om.Problem(apply, inputs, targets), params
 
 
-def test_default_makes_fast_progress_where_undamped_backtracking_stalls():
+@pytest.mark.parametrize("scaling", ["auto", "identity"])
+def test_damped_rules_make_fast_progress_where_undamped_backtracking_stalls(scaling):
+    """K = 181 < QN = 200: the default is MINPACK's trust region with scaled damping; on this
+    tanh fit the isotropic damping of the theory (scaling="identity") goes further in 30 steps
+    (README: where each damping wins), and both leave undamped backtracking far behind."""
     problem, params = ill_conditioned_problem()
     gram = problem.jacobian(params) @ problem.jacobian(params).T
     eig = jnp.linalg.eigvalsh(gram)
     assert eig[0] <= 1e-13 * eig[-1]  # numerically singular
-    _, state, damped = run(om.output_metric_descent(), problem, params, 30)
+    _, state, damped = run(om.output_metric_descent(scaling=scaling), problem, params, 30)
     _, _, undamped = run(om.output_metric_descent(damping=0.0), problem, params, 30)
     assert np.all(np.diff(np.asarray(damped)) <= 0)  # the cost never increases
     assert np.all(np.diff(np.asarray(undamped)) <= 0)
-    assert damped[-1] <= 1e-4 * damped[0]
+    assert damped[-1] <= (1e-4 if scaling == "identity" else 1e-3) * damped[0]
     assert damped[-1] <= 1e-3 * undamped[-1]
     assert bool(jnp.isfinite(state.damping)) and float(state.damping) > 0
 

@@ -1,0 +1,253 @@
+"""The optimizer core (DESIGN §6): the damped family from one factorization, scaled damping,
+the trust region, the matrix-free step, and termination — each against a dense reference or
+a theorem."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import outmetric as om
+from outmetric._solve import (
+    DirectFactor,
+    SpectralFactor,
+    linearize,
+    normal_equations_cg,
+    scale_columns,
+)
+from helpers import make_problem
+
+
+def exponential_fit(scale=(1.0, 1.0, 1.0), noise=0.05, m=40):
+    """y = b1·exp(−b2·x) + b3 + noise: a non-zero minimum, parameters θ = scale ⊙ φ."""
+    x = jnp.linspace(0.0, 4.0, m)
+    rng = np.random.default_rng(0)
+    y = 2.5 * jnp.exp(-1.3 * x) + 0.5 + noise * jnp.asarray(rng.normal(size=m))
+    c = jnp.asarray(scale)
+
+    def residual(phi):
+        b = c * phi
+        return y - (b[0] * jnp.exp(-b[1] * x) + b[2])
+
+    return om.Problem.from_residual(residual, m), jnp.array([1.0, 0.5, 0.0]) / c
+
+
+def dense_damped(jac, r, lam):
+    k = jac.shape[1]
+    return np.linalg.solve(jac.T @ jac + lam * np.eye(k), jac.T @ r)
+
+
+@pytest.mark.parametrize("shape", ["wide", "tall"])
+@pytest.mark.parametrize("use_gram", [False, True])
+def test_spectral_factor_gives_every_damped_step_and_its_model(shape, use_gram):
+    n = 6 if shape == "wide" else 40
+    problem, params = make_problem("tanh_mlp", n=n, q=1, width=4)
+    lin = linearize(problem, params, method="svd")
+    rng = np.random.default_rng(1)
+    d = jnp.asarray(np.exp(rng.normal(size=lin.shape[1])))  # a diagonal S^{-1/2}
+    scaled = scale_columns(lin, d)
+    jac = np.asarray(lin.jacobian) * np.asarray(d)
+    r = np.asarray(problem.outputs(params) - problem.targets).reshape(-1)
+    factor = SpectralFactor(scaled, jnp.asarray(r), 1e-14, use_gram=use_gram)
+    tol = 1e-9 if use_gram else 1e-11
+    for lam in (1e-3, 1e-1, 10.0):
+        step = factor.step(lam)
+        want = dense_damped(jac, r, lam)
+        np.testing.assert_allclose(step.delta, want, rtol=tol * 1e2, atol=tol * np.abs(want).max())
+        image = jac @ want
+        np.testing.assert_allclose(step.model_linear, r @ image, rtol=tol * 1e2)
+        np.testing.assert_allclose(step.model_quadratic, image @ image, rtol=tol * 1e2)
+        np.testing.assert_allclose(step.norm, np.linalg.norm(want), rtol=tol * 1e2)
+        # The O(n) norm agrees with the step's.
+        np.testing.assert_allclose(factor.norm(lam), step.norm, rtol=1e-12)
+
+
+def test_damping_for_radius_solves_the_secular_equation():
+    problem, params = exponential_fit()
+    lin = linearize(problem, params, method="svd")
+    r = problem.outputs(params).reshape(-1) - problem.targets.reshape(-1)
+    factor = SpectralFactor(lin, r, 1e-14)
+    gauss_newton = float(factor.norm(0.0))
+    for radius in (1e-3 * gauss_newton, 0.1 * gauss_newton, 0.7 * gauss_newton):
+        lam = factor.damping_for_radius(radius)
+        assert lam > 0
+        assert abs(float(factor.norm(lam)) - radius) <= 0.1 * radius
+    # The Gauss–Newton step inside the region: λ = 0.
+    assert float(factor.damping_for_radius(2 * gauss_newton)) == 0.0
+
+
+def test_direct_factor_equals_the_spectral_one():
+    problem, params = make_problem("tanh_mlp", n=6, q=1, width=4)
+    r = (problem.outputs(params) - problem.targets).reshape(-1)
+    spectral = SpectralFactor(linearize(problem, params, method="svd"), r, 1e-14)
+    direct = DirectFactor(linearize(problem, params, method="cholesky"), r, "cholesky", None)
+    for lam in (1e-2, 1.0):
+        a, b = spectral.step(lam), direct.step(lam)
+        np.testing.assert_allclose(a.delta, b.delta, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(a.model_linear, b.model_linear, rtol=1e-9)
+        np.testing.assert_allclose(a.model_quadratic, b.model_quadratic, rtol=1e-9)
+
+
+def test_eigh_solver_matches_svd_and_cholesky_in_solve():
+    problem, params = make_problem("tanh_mlp", n=6, q=2, width=4)
+    steps = {method: om.output_metric_gradient(problem, params, damping=1e-2, solver=method)[1]
+             for method in ("eigh", "svd", "cholesky")}
+    for method in ("svd", "cholesky"):
+        np.testing.assert_allclose(steps[method].delta, steps["eigh"].delta, rtol=1e-8,
+                                   atol=1e-12)
+
+
+def test_scaled_damping_is_invariant_to_rescaling_the_parameters():
+    """DESIGN §6: with S = diag(DᵀD) the iterates do not depend on a diagonal rescaling of θ."""
+    scale = (1e3, 1e-4, 1e2)
+    problem, phi = exponential_fit()
+    rescaled, psi = exponential_fit(scale)
+    opt = om.output_metric_descent(scaling="jacobian")
+    path = []
+    for prob, p, c in ((problem, phi, np.ones(3)), (rescaled, psi, np.asarray(scale))):
+        state = opt.init(p)
+        update = jax.jit(lambda s, p, prob=prob: opt.update(None, s, p, problem=prob))
+        thetas = []
+        for _ in range(6):
+            u, state = update(state, p)
+            p = optax.apply_updates(p, u)
+            thetas.append(np.asarray(p) * c)
+        path.append(np.stack(thetas))
+    np.testing.assert_allclose(path[1], path[0], rtol=1e-8, atol=1e-10)
+    # ... which isotropic damping is not.
+    iso = om.output_metric_descent(scaling="identity")
+    u1 = iso.update(None, iso.init(phi), phi, problem=problem)[0]
+    u2 = iso.update(None, iso.init(psi), psi, problem=rescaled)[0]
+    assert np.max(np.abs(np.asarray(u2) * np.asarray(scale) - np.asarray(u1))) > 1e-3
+
+
+def test_a_nonzero_minimum_stops_by_itself_with_a_convergence_code():
+    problem, b0 = exponential_fit()
+    result = om.fit(problem, b0, max_steps=500, progress=False)
+    assert result.status in (om.RESULTS.ftol_reached, om.RESULTS.xtol_reached,
+                             om.RESULTS.gtol_reached)
+    assert result.converged and result.num_steps < 50
+    # It is the least-squares minimum: the gradient DᵀR vanishes there.
+    grad = jax.grad(problem.cost)(result.params)
+    assert np.max(np.abs(grad)) <= 1e-10
+    # Another update there takes no step: round-off is not progress.
+    opt = om.output_metric_descent()
+    _, state = opt.update(None, result.state, result.params, problem=problem)
+    assert int(state.status) != om.RESULTS.running
+
+
+def test_zero_residual_without_eps_stops_converged():
+    problem, params = make_problem("tanh_mlp", n=6, q=1, width=8)  # K ≫ QN: a zero minimum
+    result = om.fit(problem, params, max_steps=300, progress=False)
+    assert result.converged, result.status
+    assert result.num_steps < 100
+    assert result.costs[-1] <= 1e-20 * result.costs[0]
+
+
+def test_gtol_at_a_stationary_point_takes_no_step():
+    x = jnp.linspace(0.0, 1.0, 20)
+    y = jnp.cos(3 * x)
+    features = jnp.stack([jnp.ones_like(x), x, x**2], axis=1)
+    problem = om.Problem.from_residual(lambda b: features @ b - y, 20)
+    best = jnp.linalg.lstsq(features, y)[0]
+    opt = om.output_metric_descent()
+    updates, state = opt.update(None, opt.init(best), best, problem=problem)
+    assert om.RESULTS(int(state.status)) == om.RESULTS.gtol_reached
+    assert float(jnp.max(jnp.abs(updates))) == 0.0
+
+
+def test_fit_reports_why_it_stopped():
+    problem, b0 = exponential_fit()
+    assert om.fit(problem, b0, max_steps=2, progress=False).status == om.RESULTS.max_steps_reached
+    assert not om.fit(problem, b0, max_steps=2, progress=False).converged
+    result = om.fit(problem, b0, max_steps=50, progress=False, callback=lambda *a: True)
+    assert result.status == om.RESULTS.stopped_by_callback and not result.converged
+    result = om.fit(problem, b0, eps=0.01, progress=False)
+    assert result.status == om.RESULTS.eps_reached and result.converged
+    assert "eps" in result.message
+
+
+def test_matrix_free_step_meets_its_forcing_tolerance_and_warm_starts():
+    problem, params = make_problem("tanh_mlp", n=8, q=2, width=6)
+    lin = linearize(problem, params, method="cg")
+    r = (problem.outputs(params) - problem.targets).reshape(-1)
+    jac = np.asarray(problem.jacobian(params))
+    lam = 1e-2
+    want = dense_damped(jac, np.asarray(r), lam)
+    zero = jnp.zeros(lin.shape[1])
+    loose = normal_equations_cg(lin, r, lam, initial=zero, forcing=0.3, max_steps=500)
+    b = jac.T @ np.asarray(r)
+    residual = b - (jac.T @ (jac @ np.asarray(loose.delta)) + lam * np.asarray(loose.delta))
+    assert np.linalg.norm(residual) <= 0.3 * np.linalg.norm(b) * (1 + 1e-9)
+    assert bool(loose.solve.converged)
+    tight = normal_equations_cg(lin, r, lam, initial=zero, forcing=1e-12, max_steps=500)
+    np.testing.assert_allclose(tight.delta, want, rtol=1e-8, atol=1e-12 * np.abs(want).max())
+    # Warm-started at the answer, CG has nothing left to do.
+    warm = normal_equations_cg(lin, r, lam, initial=tight.delta, forcing=1e-8, max_steps=500)
+    assert int(warm.solve.num_steps) == 0
+    # Capped below what it needs, it says it did not converge.
+    capped = normal_equations_cg(lin, r, lam, initial=zero, forcing=1e-14, max_steps=2)
+    assert not bool(capped.solve.converged)
+
+
+def test_matrix_free_default_descends_with_one_solve_per_update():
+    problem, params = make_problem("tanh_mlp", n=8, q=2, width=6)
+    opt = om.output_metric_descent(solver="cg")
+    update = jax.jit(lambda s, p, prob: opt.update(None, s, p, problem=prob))
+    state, costs = opt.init(params), [float(problem.cost(params))]
+    for _ in range(15):
+        u, state = update(state, params, problem)
+        params = optax.apply_updates(params, u)
+        costs.append(float(problem.cost(params)))
+        assert bool(state.solve_converged)
+    assert np.all(np.diff(costs) <= 0)
+    assert costs[-1] <= 1e-6 * costs[0]
+    other = problem.with_data(problem.inputs * 0.5, problem.targets)
+    update(state, params, other)
+    assert update._cache_size() == 1
+
+
+def test_spectral_default_reports_rank_loss():
+    """A duplicated parameter direction: rank D = K − 1 is read off the spectrum."""
+    x = jnp.linspace(0.0, 1.0, 30)
+    y = jnp.exp(x)
+    problem = om.Problem.from_residual(lambda b: (b[0] + b[1]) * jnp.exp(b[2] * x) - y, 30)
+    b0 = jnp.array([0.3, 0.4, 0.5])
+    opt = om.output_metric_descent()
+    assert om.plan_solve(problem, b0, damping=1.0, many_dampings=True).method == "svd"
+    _, state = opt.update(None, opt.init(b0), b0, problem=problem)
+    assert int(state.rank) == 2 and bool(state.fallback)
+
+
+def test_new_arguments_are_checked():
+    with pytest.raises(ValueError, match="scaling"):
+        om.output_metric_descent(scaling="column")
+    with pytest.raises(ValueError, match="step_rule"):
+        om.output_metric_descent(step_rule="dogleg")
+    with pytest.raises(ValueError, match="ftol"):
+        om.output_metric_descent(ftol=-1.0)
+    with pytest.raises(ValueError, match="xtol"):
+        om.output_metric_descent(xtol=2.0)
+    with pytest.raises(ValueError, match="gtol"):
+        om.output_metric_descent(gtol="small")
+
+
+def test_last_step_to_a_nonfinite_cost_is_undone_and_raised():
+    """Issue #14, item 1: the budget's last step lands on NaN: NonFiniteError, finite result."""
+    problem, params = make_problem("tanh_mlp", n=6, q=1, width=4)
+    calls = []
+
+    def poison(step, params, state, cost):
+        calls.append(step)
+
+    # An SGD step so large the cost overflows to inf on the last step of the budget.
+    opt = optax.sgd(1e200)
+    with pytest.raises(om.NonFiniteError) as info:
+        om.fit(problem, params, opt, max_steps=1, progress=False, callback=poison)
+    result = info.value.result
+    assert np.isfinite(result.costs[-1])
+    assert result.status == om.RESULTS.nonfinite
+    flat = ravel_pytree(result.params)[0]
+    assert np.all(np.isfinite(flat))
