@@ -312,16 +312,32 @@ def run_outmetric(problem, x0, repeats: int = 5) -> Record:
                   bool(result.converged), seconds, first, float("nan"), extra)
 
 
-def run_all(lsp: LeastSquaresProblem, x0, repeats: int, optx_solve=None, om_problem=None):
-    """The three solvers on one problem from one start; `sum_sq` filled in from the residual."""
+class Solvers(NamedTuple):
+    """What each solver compiles for one problem, built once and shared by every start."""
+
+    residual: Callable  # jitted r(x)
+    jacobian: Callable  # jitted jax.jacfwd(r)(x)
+    optimistix: "OptimistixSolver"
+    outmetric: Any  # outmetric.Problem
+
+
+def prepare(lsp: LeastSquaresProblem) -> Solvers:
     import outmetric as om
 
-    residual = jax.jit(lsp.residual)
-    jac = jax.jit(jax.jacfwd(lsp.residual))
-    if optx_solve is None:
-        optx_solve = optimistix_solver(lsp.residual)
-    if om_problem is None:
-        om_problem = om.Problem.from_residual(lsp.residual, num_residuals=lsp.num_residuals)
+    return Solvers(jax.jit(lsp.residual), jax.jit(jax.jacfwd(lsp.residual)),
+                   optimistix_solver(lsp.residual),
+                   om.Problem.from_residual(lsp.residual, num_residuals=lsp.num_residuals))
+
+
+def run_all(lsp: LeastSquaresProblem, x0, repeats: int, solvers: Solvers | None = None):
+    """The three solvers on one problem from one start; `sum_sq` filled in from the residual.
+
+    Pass `solvers = prepare(lsp)` to share the compilations across starts.
+    """
+    if solvers is None:
+        solvers = prepare(lsp)
+    residual, jac = solvers.residual, solvers.jacobian
+    optx_solve, om_problem = solvers.optimistix, solvers.outmetric
     records = [
         run_scipy_lm(residual, jac, x0, repeats),
         run_optimistix_lm(optx_solve, x0, repeats),
@@ -364,14 +380,24 @@ def machine_info() -> dict:
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "versions": versions,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average": load_average(),
     }
+
+
+def load_average():
+    """The 1-, 5- and 15-minute load averages (other work on the machine inflates times)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def machine_line(info: dict) -> str:
     v = info["versions"]
     return (f"{info['cpu']}, {info['cores']} cores; {info['backend']} backend, jax {v['jax']}, "
             f"optimistix {v['optimistix']}, scipy {v['scipy']}; {info['float']}; "
-            f"OPENBLAS_NUM_THREADS={info['openblas_num_threads']}; {info['date']}")
+            f"OPENBLAS_NUM_THREADS={info['openblas_num_threads']}; {info['date']}; load average "
+            f"{info.get('load_average')} at the start, {info.get('load_average_end')} at the end")
 
 
 def write_json(path: str, result: dict) -> None:

@@ -16,7 +16,6 @@ Writes `nist.json` (every record) and `nist.md` (the table and the summary) unde
 
 import argparse
 import json
-import math
 import os
 import sys
 import types
@@ -25,7 +24,6 @@ from . import least_squares as ls
 from .least_squares import SOLVERS
 
 import jax.numpy as jnp  # noqa: E402  (x64 is switched on by least_squares)
-import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "nist")
@@ -106,14 +104,11 @@ def dataset_names(data_dir: str) -> list[str]:
 
 def run_dataset(data: dict, repeats: int, log=print) -> list[dict]:
     """The three solvers from both starts: one record per (start, solver)."""
-    import outmetric as om
-
     lsp = least_squares_problem(data)
-    optx_solve = ls.optimistix_solver(lsp.residual)
-    problem = om.Problem.from_residual(lsp.residual, num_residuals=lsp.num_residuals)
+    solvers = ls.prepare(lsp)
     rows = []
     for start in STARTS:
-        records = ls.run_all(lsp, data[start], repeats, optx_solve, problem)
+        records = ls.run_all(lsp, data[start], repeats, solvers)
         for rec in records:
             row = rec.as_dict()
             row["dataset"] = data["name"]
@@ -213,6 +208,7 @@ def markdown(result: dict) -> str:
 
 
 def run(names: list[str], data_dir: str, repeats: int, log=print) -> dict:
+    info = ls.machine_info()
     rows = []
     for name in names:
         data = load_dataset(os.path.join(data_dir, f"{name}.json"))
@@ -220,7 +216,7 @@ def run(names: list[str], data_dir: str, repeats: int, log=print) -> dict:
             row["difficulty"] = data.get("difficulty")
             rows.append(row)
     return {"records": rows, "datasets": names, "repeats": repeats,
-            "summary": summarise(rows), "machine": ls.machine_info(),
+            "summary": summarise(rows), "machine": info,
             "solver_notes": ls.SOLVER_NOTES, "solved_lre": SOLVED_LRE, "lre_cap": ls.LRE_CAP}
 
 
@@ -247,6 +243,7 @@ def main(argv=None) -> int:
         parser.error("--repeats must be >= 1")
     result = run(names, args.data, repeats)
     result["quick"] = bool(args.quick)
+    result["machine"]["load_average_end"] = ls.load_average()
     os.makedirs(args.out, exist_ok=True)
     ls.write_json(os.path.join(args.out, "nist.json"), result)
     with open(os.path.join(args.out, "nist.md"), "w") as f:

@@ -214,9 +214,10 @@ def test_mgh_starts_follow_minpack_initpt():
         assert out.shape == (p.m,) and out.dtype == jnp.float64
 
 
-def _row(solver, factor, f, cos=1.0):
-    return {"solver": solver, "factor": factor, "sum_sq": f, "gradient_cosine": cos,
-            "f0_standard": 100.0}
+def _row(solver, factor, f, minimum=False):
+    """A run record as `benchmarks.mgh` writes it; `minimum`: its point passes `minimum_check`."""
+    return {"solver": solver, "factor": factor, "sum_sq": f, "f0_standard": 100.0,
+            "flat_columns": 0, "hessian_psd": True, "model_decrease": 1e-12 if minimum else 0.3}
 
 
 def test_mgh_classification_global_local_and_failed():
@@ -224,27 +225,32 @@ def test_mgh_classification_global_local_and_failed():
     rows = [
         _row("minpack", 1, 8.2148773e-3), _row("optimistix", 1, 8.2148775e-3),
         _row("outmetric", 1, 8.2e-3 * 1.1),  # x1: two at the minimum, one not
-        _row("minpack", 10, 17.42862, 0.3), _row("optimistix", 10, 17.42862 * (1 + 5e-7)),
+        _row("minpack", 10, 17.42862), _row("optimistix", 10, 17.42862 * (1 + 5e-7)),
         _row("outmetric", 10, 17.4287),
-        _row("minpack", 100, 5.0, 1e-9), _row("optimistix", 100, 5.0 * (1 + 1e-7)),
+        _row("minpack", 100, 5.0, minimum=True), _row("optimistix", 100, 5.0 * (1 + 1e-7)),
         _row("outmetric", 100, 5.1),
     ]
     ref = mgh_bench.classify(bard, rows)
+    # The paper truncates: 8.21487...e-3; the lowest run value agrees and becomes f_ref.
     assert ref["f_ref"] == 8.2148773e-3 and "agrees" in ref["f_ref_basis"]
     assert [r["solved"] for r in rows[:3]] == ["global", "global", None]
-    # x10: the paper's other minimum (at infinity, not stationary) counts as local.
+    # x10: the paper's other minimum (at infinity, no certificate) counts as local.
     assert [r["solved"] for r in rows[3:6]] == ["local", "local", None]
-    # x100: a stationary point found by MINPACK, reached by optimistix within 1e-6.
+    # x100: a certified minimum found by MINPACK, reached by optimistix within 1e-6.
     assert [r["solved"] for r in rows[6:]] == ["local", "local", None]
 
 
 def test_mgh_classification_refuses_non_minima_and_local_minima_beside_a_global_one():
     rosen = mp.by_name("Rosenbrock")
-    rows = [_row("minpack", 1, 0.0), _row("optimistix", 1, 1e-3, 1e-12),
-            _row("minpack", 10, 2.0, 0.5), _row("optimistix", 10, 2.0)]
+    rows = [_row("minpack", 1, 0.0), _row("optimistix", 1, 1e-3, minimum=True),
+            _row("minpack", 10, 2.0), _row("optimistix", 10, 2.0)]
     mgh_bench.classify(rosen, rows)
-    # x1: the best from that start is global, so a stationary 1e-3 is no local success.
+    # x1: the best from that start is global, so a local minimum at 1e-3 is no success;
+    # x10: the lowest point is not a minimum (Newton predicts a 30 % decrease).
     assert [r["solved"] for r in rows] == ["global", None, None, None]
+    flat = [dict(_row("minpack", 1, 2.0, minimum=True), flat_columns=1)]
+    mgh_bench.classify(rosen, flat)
+    assert flat[0]["solved"] is None  # a plateau (a zero Jacobian column) is not a minimum
 
 
 def test_mgh_published_value_without_a_matching_run_stays_the_reference():
@@ -252,3 +258,18 @@ def test_mgh_published_value_without_a_matching_run_stays_the_reference():
     rows = [_row("minpack", 1, 9e-3), _row("outmetric", 1, 8.2149e-3 * (1 + 1e-5))]
     ref = mgh_bench.classify(bard, rows)
     assert ref["f_ref"] == bard.fstar and all(r["solved"] is None for r in rows)
+
+
+def test_mgh_minimum_check_on_known_points():
+    P = {q.number: q for q in mp.PROBLEMS}
+    # Freudenstein–Roth's other minimum (48.9842...): certified.
+    fr = mgh_bench.minimum_check(P[2].residual, (11.4127789554, -0.896805258451))
+    assert fr["flat_columns"] == 0 and fr["hessian_psd"] and fr["model_decrease"] < 1e-12
+    assert mgh_bench.is_certified_minimum(fr)
+    # Powell badly scaled, where 100·x0 leaves solvers (f ≈ 1e-8): a badly scaled valley, not
+    # a minimum (f* = 0 is near), though MINPACK's gradient cosine there is only 1e-6.
+    pbs = mgh_bench.minimum_check(P[3].residual, (9.99999999899e-07, 100.0))
+    assert not mgh_bench.is_certified_minimum(pbs) and pbs["model_decrease"] > 1e-3
+    # Gulf from 100·x0: every model term underflows, all three columns are zero.
+    gulf = mgh_bench.minimum_check(P[11].residual, P[11].start(100))
+    assert gulf["flat_columns"] == 3 and not mgh_bench.is_certified_minimum(gulf)
