@@ -40,7 +40,9 @@ OPTX_MAX_STEPS = 1000
 
 SOLVER_NOTES = {
     "minpack": "scipy.optimize.least_squares(method='lm') = MINPACK LMDER; scipy defaults "
-               "ftol=xtol=gtol=1e-8, max_nfev=100*n; Jacobian by jax.jacfwd (jitted); steps = nfev",
+               "ftol=xtol=gtol=1e-8, max_nfev=100*n; Jacobian by jax.jacfwd (jitted); steps = nfev; "
+               "status = scipy's (0: max_nfev reached, 1: gtol, 2: ftol, 3: xtol, 4: ftol and "
+               "xtol)",
     "optimistix": f"optimistix.LevenbergMarquardt(rtol={OPTX_RTOL:g}, atol={OPTX_ATOL:g}) (no "
                   f"library default exists), least_squares(max_steps={OPTX_MAX_STEPS}, "
                   "throw=False), jitted once per problem; steps = num_steps",
@@ -116,11 +118,12 @@ class Record(NamedTuple):
     sum_sq: float  # ‖r‖² at the final params
     extra: dict
 
-    def as_dict(self, digits: int = 12) -> dict:
+    def as_dict(self, param_digits: int = 12) -> dict:
+        """JSON-ready, rounded: parameters to `param_digits` significant digits, ‖r‖² to 12."""
         out = {
             "solver": self.solver,
-            "params": [_round(p, digits) for p in self.params],
-            "sum_sq": _round(self.sum_sq, digits),
+            "params": [_round(p, param_digits) for p in self.params],
+            "sum_sq": _round(self.sum_sq, 12),
             "steps": self.steps,
             "status": self.status,
             "converged": self.converged,
@@ -182,8 +185,7 @@ def run_scipy_lm(fun: Callable, jac: Callable, x0, repeats: int = 5) -> Record:
     params = np.asarray(res.x, dtype=float)
     sum_sq = float(2.0 * res.cost)
     return Record("minpack", params.tolist(), int(res.nfev), f"{res.status}", bool(res.success),
-                  seconds, first, sum_sq, {"njev": None if res.njev is None else int(res.njev),
-                                           "message": res.message[:120]})
+                  seconds, first, sum_sq, {"njev": None if res.njev is None else int(res.njev)})
 
 
 _OPTX_NAMES: dict[int, str] | None = None

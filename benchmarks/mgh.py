@@ -24,7 +24,8 @@ the same for all three starts), so
   that underflowed leaves a plateau, not a minimum), a positive semidefinite Hessian of f, and
   a Newton step on f predicting a relative decrease ≤ 1e-6 (scale-invariant, unlike MINPACK's
   gradient cosine, which a badly scaled valley fools). When the lowest value from a start is
-  global, local minima from that start do not count.
+  global, local minima from that start do not count; when the lowest point is not a minimum (a
+  run stopped on its way down), no run from that start gets local credit.
 
 The summary reports both counts ("global" and "global or local"). Writes `mgh.json` and `mgh.md`
 under `--out` (default `benchmarks/results`). `--quick`: 3 problems from x0 only, 1 repeat.
@@ -131,7 +132,7 @@ def run_problem(p: mp.MGHProblem, factors, repeats: int, log=print) -> list[dict
             continue
         records = ls.run_all(lsp, x0, repeats, solvers)
         for rec in records:
-            row = {**base, **rec.as_dict()}
+            row = {**base, **rec.as_dict(param_digits=8)}
             if rec.status != "error":
                 check = minimum_check(p.residual, rec.params)
                 check["model_decrease"] = ls._round(check["model_decrease"], 3)

@@ -6,18 +6,23 @@ The NIST files used here are copied into tests/data/nist (Misra1a, Chwirut2, Dan
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import least_squares as ls
-from benchmarks import mgh as mgh_bench
-from benchmarks import mgh_problems as mp
-from benchmarks import nist
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `benchmarks` is not installed; it lives beside the package
+    sys.path.insert(0, ROOT)
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "nist")
+from benchmarks import least_squares as ls  # noqa: E402
+from benchmarks import mgh as mgh_bench  # noqa: E402
+from benchmarks import mgh_problems as mp  # noqa: E402
+from benchmarks import nist  # noqa: E402
+
+DATA = os.path.join(ROOT, "tests", "data", "nist")
 NAMES = ("Misra1a", "Chwirut2", "DanWood", "BoxBOD", "MGH09")
 EASY = ("Misra1a", "Chwirut2", "DanWood")  # NIST difficulty "Lower"
 
