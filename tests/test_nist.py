@@ -278,3 +278,28 @@ def test_mgh_minimum_check_on_known_points():
     # Gulf from 100·x0: every model term underflows, all three columns are zero.
     gulf = mgh_bench.minimum_check(P[11].residual, P[11].start(100))
     assert gulf["flat_columns"] == 3 and not mgh_bench.is_certified_minimum(gulf)
+
+
+def test_run_outmetric_records_a_status_when_the_core_reports_one(monkeypatch):
+    """The rewritten core's `FitResult.status` (an IntEnum member) is recorded by name, and a
+    run that stops by itself records its own step count; today's FitResult has no status."""
+    import enum
+    from types import SimpleNamespace
+
+    import outmetric as om
+
+    class RESULTS(enum.IntEnum):
+        successful = 0
+        xtol = 2
+
+    def fake_fit(problem, params, optimizer, progress=True):
+        return SimpleNamespace(params=params + 1.0, num_steps=7, converged=True,
+                               costs=np.array([3.0, 1.0, 0.5, 0.5]), status=RESULTS.xtol)
+
+    monkeypatch.setattr(om, "fit", fake_fit)
+    rec = ls.run_outmetric(None, np.zeros(2), repeats=1)
+    assert rec.status == "xtol" and rec.steps == 7 and rec.converged is True
+    assert rec.params == [1.0, 1.0] and rec.extra["steps_to_final"] == 2
+    monkeypatch.setattr(om, "fit", lambda *a, **k: SimpleNamespace(
+        params=jnp.zeros(2), num_steps=1000, converged=False, costs=np.ones(1001)))
+    assert ls.run_outmetric(None, np.zeros(2), repeats=1).status is None
