@@ -47,6 +47,88 @@ def foreign_file(tmp):
     return path
 
 
+#: (description, call(tmp), exception type, regex that names the offending argument)
+BAD_INPUTS = [
+    ("Problem: targets with Q = 0 outputs", lambda t: om.Problem(APPLY, X, Y[:, :0]), ValueError,
+     r"targets has shape \(4, 0\): Q = 0"),
+    ("fit: params with K = 0 entries", lambda t: fit(P, {"w": jnp.zeros((0, 2))}), ValueError,
+     r"params has no entries \(K = 0"),
+    ("Problem: apply_fn returns a tuple",
+     lambda t: om.Problem(lambda p, u: (APPLY(p, u),), X, Y).cost(S), TypeError,
+     r"apply_fn returned a tuple; it must return one array"),
+    ("Problem: apply_fn returns a dict",
+     lambda t: om.Problem(lambda p, u: {"x": APPLY(p, u)}, X, Y).cost(S), TypeError,
+     r"apply_fn returned a dict"),
+    ("Problem: fractional num_classes",
+     lambda t: om.Problem(APPLY, X, jnp.array([0, 1, 0, 1]), loss="cross_entropy",
+                          num_classes=2.5), ValueError, r"num_classes must be a positive integer"),
+    ("Problem: boolean targets", lambda t: om.Problem(APPLY, X, Y > 0), TypeError,
+     r"targets has dtype bool"),
+    ("Problem: float16 targets", lambda t: om.Problem(APPLY, X, Y.astype(jnp.float16)), TypeError,
+     r"targets has dtype float16"),
+    ("Problem: boolean inputs", lambda t: om.Problem(APPLY, X > 0, Y), TypeError,
+     r"inputs has dtype bool"),
+    ("Problem: float16 inputs", lambda t: om.Problem(APPLY, X.astype(jnp.float16), Y), TypeError,
+     r"inputs has dtype float16"),
+    ("Problem: cross-entropy labels that do not sum to 1",
+     lambda t: om.Problem(APPLY, X, 2.0 * LABELS, loss="cross_entropy"), ValueError,
+     r"cross-entropy targets must be label vectors summing to 1 .* row 0 sums to 2"),
+    ("Problem: all-zero cross-entropy labels",
+     lambda t: om.Problem(APPLY, X, LABELS.at[2].set(0.0), loss="cross_entropy"), ValueError,
+     r"row 2 is all zero"),
+    ("Problem: a batch model with batched=False",
+     lambda t: om.Problem(batch_model, X, Y).cost(S), TypeError,
+     r"one sample u of shape \(5,\).*dot_general.*pass batched=True"),
+    ("Problem: jax.jit of a bound method", lambda t: jax.jit(P.cost)(S), TypeError,
+     r"cannot be hashed.*eqx\.filter_jit\(problem\.cost\)"),
+]
+
+
+@pytest.mark.parametrize("call, error, pattern", [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_raises_a_named_error(call, error, pattern, tmp_path):
+    with pytest.raises(error, match=pattern):
+        call(str(tmp_path))
+
+
+# ------------------------------------------------------------------------ output precision
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.float16])
+def test_low_precision_outputs_are_scored_against_the_true_targets(out_dtype):
+    """An apply_fn that returns float32 (or float16) on float64 params: its outputs are cast up,
+    so an output that equals the targets rounded to float32 has the cost of that rounding, not 0
+    (which made fit report converged=True at a true cost of 1e-8)."""
+    targets = jax.random.normal(jax.random.PRNGKey(2), (4, 1))
+    problem = om.Problem(lambda w, u: (u @ w).astype(out_dtype), jnp.eye(4), targets)
+    params = targets  # outputs: the targets rounded to out_dtype
+    rounded = targets.astype(out_dtype).astype(jnp.float64)
+    true_cost = 0.5 * float(jnp.sum((rounded - targets) ** 2)) / 4
+    assert true_cost > 0
+    cost = problem.cost(params)
+    assert cost.dtype == jnp.float64 and float(cost) == pytest.approx(true_cost, rel=1e-12)
+    assert problem.outputs(params).dtype == jnp.float64
+
+
+# ------------------------------------------------------------------------------ jit of methods
+
+
+def test_problem_methods_jit_the_equinox_way():
+    """Bound methods of an equinox Module are pytrees: eqx.filter_jit takes them, with the data
+    traced (new data of the same shape does not recompile); jax.jit takes the unbound method."""
+    compiled = eqx.filter_jit(P.cost)
+    np.testing.assert_allclose(compiled(S), P.cost(S), rtol=1e-14)
+    np.testing.assert_allclose(jax.jit(om.Problem.cost)(P, S), P.cost(S), rtol=1e-14)
+    other = P.with_data(P.inputs + 1.0, P.targets)
+    count = []
+    traced = eqx.filter_jit(lambda problem, params: (count.append(1), problem.cost(params))[1])
+    np.testing.assert_allclose(traced(P, S), P.cost(S), rtol=1e-14)
+    np.testing.assert_allclose(traced(other, S), other.cost(S), rtol=1e-14)
+    assert len(count) == 1
+    with pytest.raises(TypeError, match=r"jax\.jit\(Problem\.cost\)\(problem, params\)"):
+        jax.jit(P.jacobian)(S)
+
+
 # ------------------------------------------------------------------------------- dependencies
 
 
