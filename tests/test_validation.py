@@ -81,6 +81,38 @@ BAD_INPUTS = [
      r"one sample u of shape \(5,\).*dot_general.*pass batched=True"),
     ("Problem: jax.jit of a bound method", lambda t: jax.jit(P.cost)(S), TypeError,
      r"cannot be hashed.*eqx\.filter_jit\(problem\.cost\)"),
+    ("integrate: finite outputs whose cost overflows",
+     lambda t: om.integrate(om.Problem(lambda p, u: 1e200 * APPLY(p, u), X, Y), S, t1=1.0),
+     ValueError, r"model's outputs are finite .* the l2 cost overflows float64"),
+    ("integrate: Euler without dt0", lambda t: om.integrate(P, S, t1=1.0, solver=diffrax.Euler()),
+     ValueError, r"solver=Euler\(\) takes fixed steps .* pass dt0"),
+    ("integrate: Euler with an adaptive controller",
+     lambda t: om.integrate(P, S, t1=1.0, solver=diffrax.Euler(), dt0=0.1,
+                            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8)),
+     TypeError, r"stepsize_controller=PIDController adapts the step .* solver=Euler\(\)"),
+    ("integrate: a stepsize_controller that is not one",
+     lambda t: om.integrate(P, S, t1=1.0, stepsize_controller="pid"), TypeError,
+     r"stepsize_controller must be a diffrax step-size controller"),
+    ("integrate: rtol together with a stepsize_controller",
+     lambda t: om.integrate(P, S, t1=1.0, rtol=1e-8,
+                            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8)),
+     ValueError, r"with stepsize_controller= set them on that controller"),
+    ("integrate: negative dt0", lambda t: om.integrate(P, S, t1=1.0, dt0=-0.1), ValueError,
+     r"dt0 must be a positive finite step"),
+    ("integrate: dt0 too small for max_steps",
+     lambda t: om.integrate(P, S, t1=1.0, solver=diffrax.Euler(), dt0=1e-3, max_steps=10),
+     ValueError, r"dt0=0.001 needs 1000 fixed steps .* max_steps=10"),
+    ("integrate: saveat that is not a SaveAt", lambda t: om.integrate(P, S, t1=1.0, saveat="t1"),
+     TypeError, r"saveat must be a diffrax.SaveAt"),
+    ("integrate: both ts and saveat",
+     lambda t: om.integrate(P, S, t1=1.0, ts=jnp.array([0.5]), saveat=diffrax.SaveAt(t1=True)),
+     ValueError, r"pass either ts or saveat"),
+    ("integrate: saveat with its own fn",
+     lambda t: om.integrate(P, S, t1=1.0, saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, a: 0.0)),
+     ValueError, r"saveat.fn must be the default"),
+    ("integrate: saveat times outside [0, t1]",
+     lambda t: om.integrate(P, S, t1=1.0, saveat=diffrax.SaveAt(ts=jnp.array([0.5, 2.0]))),
+     ValueError, r"saveat.ts must be sorted times inside \[0, 1.0\]"),
 ]
 
 
@@ -89,6 +121,58 @@ BAD_INPUTS = [
 def test_bad_input_raises_a_named_error(call, error, pattern, tmp_path):
     with pytest.raises(error, match=pattern):
         call(str(tmp_path))
+
+
+# ------------------------------------------------------------- integrate at any parameter scale
+
+
+def scaled_linear(params, u):
+    """x_j = s·W e_j, with the gain s carried in the data (so every s shares one compilation)."""
+    scale, e = u
+    return scale * (params @ e)
+
+
+def scaled_problem(scale, small_params):
+    """N = 4 samples e_j, Q = 2, K = 8: W(0) random, or random/s so the outputs start O(1)."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    weights = jax.random.normal(k1, (2, 4))
+    targets = jax.random.normal(k2, (4, 2))
+    inputs = (jnp.full(4, scale), jnp.eye(4))
+    return om.Problem(scaled_linear, inputs, targets), weights / scale if small_params else weights
+
+
+@pytest.mark.parametrize("scale, small_params", [(1.0, False), (1e12, True), (1e20, True),
+                                                 (1e12, False)],
+                         ids=["s=1", "s=1e12, W=O(1/s)", "s=1e20, W=O(1/s)", "s=1e12, W=O(1)"])
+def test_integrate_follows_the_closed_form_at_any_parameter_scale(scale, small_params):
+    """The adapted flow of x = sWe_j is C(0)e^{-2t/N} for every s; a fixed atol on θ broke this
+    once θ was of its order (1e-14): s = 1e12 ended at C = 2e-6, s = 1e20 above C(0)."""
+    problem, params = scaled_problem(scale, small_params)
+    eps = 1e-10
+    traj = om.integrate(problem, params, eps=eps)
+    predicted = traj.costs[0] * jnp.exp(-2.0 * traj.ts / problem.num_samples)
+    assert traj.result == "successful"
+    np.testing.assert_array_less(jnp.abs(traj.costs - predicted), 1e-6 * predicted)
+    assert abs(float(traj.costs[-1]) / eps - 1) <= 1e-6
+    assert traj.reached_eps is True  # C(T(ε)) = ε up to the solver's error, not exactly
+
+
+def test_euler_with_a_fixed_step_and_a_custom_saveat():
+    """Euler through integrate: first-order in dt against C(0)e^{-2t/N}, every step saved."""
+    t1, num_samples = 4.0, P.num_samples
+    errors = []
+    for dt in (0.04, 0.02):
+        traj = om.integrate(P, S, t1=t1, solver=diffrax.Euler(), dt0=dt, max_steps=256,
+                            saveat=diffrax.SaveAt(t0=True, steps=True))
+        num = round(t1 / dt)
+        assert traj.result == "successful" and traj.num_steps == num
+        np.testing.assert_allclose(traj.ts, dt * np.arange(num + 1), rtol=1e-12, atol=1e-12)
+        predicted = traj.costs[0] * np.exp(-2.0 * np.asarray(traj.ts) / num_samples)
+        relative = np.abs(np.asarray(traj.costs) / predicted - 1)
+        # Euler's global error is first order: O(t·dt) (here ≤ 1.4 %, a bound 3-4× above it).
+        assert np.all(relative <= 4 * (np.asarray(traj.ts) + dt) * dt / num_samples**2)
+        errors.append(relative[-1])
+    assert 1.7 <= errors[0] / errors[1] <= 2.3  # halving dt halves the error: first order
 
 
 # ------------------------------------------------------------------------ output precision
