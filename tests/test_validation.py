@@ -113,6 +113,12 @@ BAD_INPUTS = [
     ("integrate: saveat times outside [0, t1]",
      lambda t: om.integrate(P, S, t1=1.0, saveat=diffrax.SaveAt(ts=jnp.array([0.5, 2.0]))),
      ValueError, r"saveat.ts must be sorted times inside \[0, 1.0\]"),
+    ("fit: resume=False over a foreign checkpoint.npz",
+     lambda t: (foreign_file(t), fit(P, S, SGD, max_steps=1, checkpoint_dir=t, resume=False)),
+     om.CheckpointError, r"checkpoint.npz' exists and is not an outmetric checkpoint"),
+    ("save_checkpoint: over a foreign file",
+     lambda t: om.save_checkpoint(foreign_file(t), S, (), 0), om.CheckpointError,
+     r"is not an outmetric checkpoint: refusing to overwrite"),
 ]
 
 
@@ -244,3 +250,85 @@ def test_every_imported_package_is_declared():
     assert "jaxtyping" in imported
     third_party = {name for name in imported if name not in sys.stdlib_module_names}
     assert third_party - declared == set()
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def test_a_second_run_on_a_checkpoint_in_use_is_refused_and_overwrites_nothing(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    refused = []
+
+    def callback(step, params, state, cost):
+        if step == 2:
+            before = path.read_bytes()
+            with pytest.raises(om.CheckpointError, match=r"is in use by another fit in this "
+                                                         r"process"):
+                fit(P, S, SGD, max_steps=5, checkpoint_dir=tmp_path, resume=False)
+            assert path.read_bytes() == before
+            refused.append(step)
+
+    first = fit(P, S, SGD, max_steps=4, chunk_size=1, checkpoint_every=1, checkpoint_dir=tmp_path,
+                callback=callback)
+    assert refused == [2] and first.num_steps == 4
+    assert om.load_checkpoint(tmp_path).step == 4
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz"]  # the lock went with the run
+    assert fit(P, S, SGD, max_steps=6, checkpoint_dir=tmp_path).resumed_from == 4
+
+
+def test_a_checkpoint_of_another_model_or_mode_is_refused(tmp_path):
+    fit(P, S, SGD, max_steps=2, checkpoint_dir=tmp_path)
+
+    def sine_apply(params, u):  # the same parameter shapes, another function
+        return jnp.sin(APPLY(params, u))
+
+    with pytest.raises(om.CheckpointError, match=r"written for another model \(apply_fn"):
+        fit(om.Problem(sine_apply, X, Y), S, SGD, max_steps=4, checkpoint_dir=tmp_path)
+    with pytest.raises(om.CheckpointError, match=r"written for a full-batch run; this run is "
+                                                 r"mini-batch"):
+        fit(P, S, SGD, max_steps=4, checkpoint_dir=tmp_path, batches=[(X, Y)] * 4)
+    # The same model built again (another function object, the same computation) resumes.
+    again = om.Problem(tanh_mlp(jax.random.PRNGKey(0), 5, 2, width=4, depth=1).apply, X, Y)
+    assert fit(again, S, SGD, max_steps=3, checkpoint_dir=tmp_path).resumed_from == 2
+
+
+def test_a_killed_runs_lock_and_temporary_file_are_cleared_but_a_live_ones_kept(tmp_path):
+    """A process writes a checkpoint's temporary file (and is stopped before the rename), then
+    takes the run lock on another folder. While it lives, its lock refuses a fit and its
+    temporary file survives saves and loads; once it is killed outright, the next save or load
+    removes the file and the next fit takes the lock over."""
+    locked, written = tmp_path / "locked", tmp_path / "written"
+    locked.mkdir()
+    written.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {ROOT!r})
+        import jax.numpy as jnp
+        import outmetric as om
+        real_replace, os.replace = os.replace, lambda src, dst: None  # stopped before renaming
+        om.save_checkpoint({str(written)!r}, {{"w": jnp.ones(3)}}, (), 1)
+        os.replace = real_replace
+        print("written", flush=True)
+        om.CheckpointLock({str(locked)!r}).acquire()
+        print("locked", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    def temporaries():
+        return [name for name in os.listdir(written) if name.endswith(".tmp")]
+
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        assert len(temporaries()) == 1
+        om.save_checkpoint(written, {"w": jnp.zeros(3)}, (), 2)  # a live writer's file stays
+        assert len(temporaries()) == 1
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(om.CheckpointError, match=rf"in use by process {proc.pid} on host"):
+            fit(P, S, SGD, max_steps=2, checkpoint_dir=locked)
+        assert os.listdir(locked) == ["checkpoint.npz.lock"]  # nothing written
+    finally:
+        proc.send_signal(signal.SIGKILL)  # killed outright: its lock and file stay behind
+        proc.wait()
+    assert om.load_checkpoint(written).step == 2 and temporaries() == []
+    assert fit(P, S, SGD, max_steps=2, checkpoint_dir=locked).num_steps == 2
+    assert os.listdir(locked) == ["checkpoint.npz"]
