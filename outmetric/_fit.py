@@ -308,7 +308,8 @@ def fit(
             check_fingerprint(checkpoint, saved.extra, fingerprint)
             sigmas = saved.extra.get("min_singular_values", np.full(saved.step, -1.0))
             start = _Progress(saved.step, saved.params, saved.opt_state,
-                              tuple(saved.costs.tolist()), int(saved.extra.get("fallback_steps", 0)),
+                              tuple(saved.costs.tolist()),
+                              int(saved.extra.get("fallback_steps", 0)),
                               int(saved.extra.get("min_rank", -1)),
                               tuple(np.asarray(sigmas, float).reshape(-1).tolist()))
         elif checkpoint is not None:
