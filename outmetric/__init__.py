@@ -4,6 +4,7 @@ import importlib.metadata
 
 from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import CheckpointLock as CheckpointLock
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
 from ._data import Dataset as Dataset

@@ -10,10 +10,22 @@ leaf of the params and of the optimizer state, their key paths (`jax.tree_util.k
 dtypes, the step count, the cost history, a format version and optional extra scalars. The tree
 structure itself comes from templates given to `load_checkpoint` (the initial params and
 `optimizer.init(params)`), against which the stored key paths, shapes and dtypes are checked.
+
+A file at the checkpoint's path that outmetric did not write is never overwritten
+(`CheckpointError`). Temporary files are named after the host and process that write them;
+those of processes that died (killed mid-write) are removed by the next save or load.
+`CheckpointLock` is what `fit` holds on its folder while it runs, so that two runs never write
+one checkpoint in turn.
 """
 
+import hashlib
+import json
 import os
+import re
+import socket
 import tempfile
+import time
+import uuid
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -59,6 +71,108 @@ def _resolve(path: str | os.PathLike) -> str:
     return path
 
 
+def _host_tag() -> str:
+    """This host's name as it appears in temporary file names (no dots or separators)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (Linux); None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (Linux), to tell a live process from a later one that
+    reuses a dead one's pid; None where it cannot be read."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def _process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` on this host is running (and, given `start`, is the same one)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        pass
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
+        return False
+    if start is not None and fields and len(fields) > 19 and fields[19] != start:
+        return False
+    return True
+
+
+#: ``.{file}.{host}.{pid}.{random}.tmp``: who writes a temporary file.
+_TEMP = re.compile(r"^\.(?P<file>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+#: Temporary files of earlier versions (``.{file}.{random}.tmp``), removed once this old.
+_STALE_SECONDS = 3600
+
+
+def clean_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that writers of checkpoint `path` left when they were killed.
+
+    A temporary file names its writer's host and pid: it is removed when that process no longer
+    runs on this host. A file from another host is left alone (its writer cannot be checked), as
+    is one of a live process. Unnamed ones (earlier versions) go once an hour old. Returns the
+    paths removed.
+    """
+    path = _resolve(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    host = _host_tag()
+    for name in names:
+        if not (name.startswith(f".{base}.") and name.endswith(".tmp")):
+            continue
+        full = os.path.join(folder, name)
+        match = _TEMP.match(name)
+        if match and match["file"] == base:
+            if match["host"] != host or _process_alive(int(match["pid"])):
+                continue
+        else:
+            try:
+                if time.time() - os.path.getmtime(full) < _STALE_SECONDS:
+                    continue
+            except OSError:
+                continue
+        try:
+            os.unlink(full)
+            removed.append(full)
+        except OSError:
+            pass
+    return removed
+
+
+def _is_outmetric_checkpoint(path: str) -> bool:
+    """Whether `path` is an .npz that outmetric wrote (reads only its `__kind__` entry)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return "__kind__" in archive.files and str(archive["__kind__"]) == _KIND
+    except Exception:
+        return False
+
+
+def check_overwritable(path: str | os.PathLike) -> None:
+    """A `CheckpointError` if a file is at `path` that outmetric did not write."""
+    path = _resolve(path)
+    if os.path.lexists(path) and not (os.path.isfile(path) and _is_outmetric_checkpoint(path)):
+        raise CheckpointError(
+            f"{path!r} exists and is not an outmetric checkpoint: refusing to overwrite it. "
+            "Move it away, or write the checkpoint somewhere else")
+
+
 def _to_numpy(leaf, where: str) -> tuple[np.ndarray, str]:
     """A host copy of one leaf, and its dtype name (non-numpy dtypes are stored as raw bits)."""
     try:
@@ -93,12 +207,16 @@ def save_checkpoint(
     - `extra`: optional name → number/array mapping saved alongside.
 
     **Returns:** the path written. An interruption at any point leaves the previous checkpoint
-    at `path` intact; the temporary file is removed unless the process is killed outright.
+    at `path` intact; the temporary file is removed unless the process is killed outright, and
+    then by the next save or load. A file at `path` that is not an outmetric checkpoint is
+    refused (`CheckpointError`), never overwritten.
     """
     path = _resolve(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
+    check_overwritable(path)
+    clean_temporaries(path)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
     arrays: dict[str, np.ndarray] = {
@@ -122,7 +240,8 @@ def save_checkpoint(
             raise ValueError(f"extra keys must be identifiers, got {key!r}")
         arrays[f"extra_{key}"] = np.asarray(value)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    prefix = f".{os.path.basename(path)}.{_host_tag()}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -198,6 +317,7 @@ def load_checkpoint(
     another format or one that does not match the templates is a `CheckpointError`.
     """
     path = _resolve(path)
+    clean_temporaries(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
@@ -244,3 +364,208 @@ def load_checkpoint(
              if key.startswith("extra_")}
     costs = np.asarray(stored["costs"], np.float64)
     return Checkpoint(trees[0], trees[1], int(stored["step"]), costs, extra)
+
+
+# ------------------------------------------------------------------------------- the run's lock
+
+
+class CheckpointLock:
+    """An exclusive lock on a checkpoint, held by `fit` for the whole run.
+
+    The lock is the file ``<checkpoint>.lock``, created with ``O_CREAT | O_EXCL`` (atomic, also on
+    NFS v3+) and holding its owner's host, pid and process start time. A second run on the same
+    checkpoint, in this process or another, is refused with a `CheckpointError` naming the owner,
+    before it reads or writes anything. A lock whose owner died (SIGKILL, power loss) is stale:
+    on the same host, its pid no longer runs (or runs a later process), and the next run takes it
+    over. A lock from another host cannot be checked and is never taken over; delete the file
+    if that run is gone. Taking the lock also removes temporary files that killed writers left.
+
+    Use it as a context manager, or `acquire()` / `release()`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = _resolve(path) + ".lock"
+        self.checkpoint = _resolve(path)
+        self._token: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    def acquire(self) -> "CheckpointLock":
+        if self.held:
+            raise CheckpointError(f"{self.path!r} is already held by this lock object")
+        token = uuid.uuid4().hex
+        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "start": _process_start(os.getpid()), "token": token,
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _read_lock(self.path)
+                if owner is _GONE:  # released meanwhile
+                    continue
+                if _lock_is_live(self.path, owner):
+                    raise CheckpointError(_in_use_message(self.checkpoint, self.path, owner))
+                _break_stale(self.path, owner)
+                continue
+            try:
+                os.write(fd, record.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._token = token
+            clean_temporaries(self.checkpoint)
+            return self
+        raise CheckpointError(f"could not take the lock {self.path!r}: other runs keep taking "
+                              "it; is another fit starting on the same checkpoint_dir?")
+
+    def release(self) -> None:
+        """Remove the lock file if it is still this lock's (never another run's)."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        owner = _read_lock(self.path)
+        if isinstance(owner, dict) and owner.get("token") == token:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "CheckpointLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_GONE = object()
+#: A lock file that is still empty this long after it was made is one whose owner died while
+#: creating it (it writes its record right after the atomic create).
+_EMPTY_LOCK_SECONDS = 10.0
+
+
+def _read_lock(path: str):
+    """The lock's owner record (a dict), None if unreadable, or `_GONE` if the file is gone."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return _GONE
+    except OSError:
+        return None
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _lock_is_live(path: str, owner) -> bool:
+    if owner is None:  # empty or garbled: being written just now, or its writer died
+        try:
+            return time.time() - os.path.getmtime(path) < _EMPTY_LOCK_SECONDS
+        except OSError:
+            return False
+    if owner.get("host") != socket.gethostname():
+        return True  # cannot check a process on another host
+    try:
+        pid = int(owner.get("pid"))
+    except (TypeError, ValueError):
+        return False
+    return _process_alive(pid, owner.get("start"))
+
+
+def _break_stale(path: str, owner) -> None:
+    """Remove a stale lock, unless another run replaced it meanwhile (then put that one back)."""
+    aside = f"{path}.stale.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if _read_lock(aside) != owner:
+        try:  # we took a fresh lock of another run: restore it, unless a third one came
+            os.link(aside, path)
+        except OSError:
+            pass
+    try:
+        os.unlink(aside)
+    except OSError:
+        pass
+
+
+def _in_use_message(checkpoint: str, path: str, owner) -> str:
+    who = "another run"
+    if isinstance(owner, dict):
+        mine = owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+        who = ("another fit in this process" if mine else
+               f"process {owner.get('pid')} on host {owner.get('host')!r}")
+        who += f" (since {owner.get('since')})"
+    return (f"checkpoint {checkpoint!r} is in use by {who}, which holds the lock {path!r}: two "
+            "runs on one checkpoint_dir would overwrite each other's checkpoints. Wait for that "
+            "run to end, or use another checkpoint_dir; if that run is gone (on another host), "
+            "delete the lock file")
+
+
+# ----------------------------------------------------------------- what a checkpoint belongs to
+
+
+def model_fingerprint(problem, params) -> str:
+    """SHA-256 of the model's computation: the jaxpr of `apply_fn` on one sample (of
+    `residual_fn` for a residual problem) at the params' shapes, with its constants.
+
+    Two models of the same parameter shapes that compute different functions differ here; the
+    parameter and data values do not enter. Traced from shapes only, so nothing is evaluated.
+    An empty string where the model cannot be traced abstractly.
+    """
+
+    def spec(a, shape):
+        dtype = getattr(a, "dtype", None)
+        return jax.ShapeDtypeStruct(shape, np.asarray(a).dtype if dtype is None else dtype)
+
+    params_spec = jax.tree_util.tree_map(lambda a: spec(a, np.shape(a)), params)
+    try:
+        if problem.residual_fn is not None:
+            closed = jax.make_jaxpr(problem.residual_fn)(params_spec)
+        else:
+            lead = (1,) if problem.batched else ()  # one sample, as apply_fn sees it
+            sample = jax.tree_util.tree_map(lambda a: spec(a, lead + tuple(np.shape(a)[1:])),
+                                            problem.inputs)
+            closed = jax.make_jaxpr(problem.apply_fn)(params_spec, sample)
+    except Exception:
+        return ""
+    digest = hashlib.sha256(re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr)).encode())
+    for const in closed.consts:
+        if getattr(const, "is_fully_addressable", True):
+            array = np.asarray(const)
+            digest.update(f"{array.shape}|{array.dtype}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+#: What `fit` records about a run, and what a different value means.
+_RUN_KEYS = {
+    "data_fingerprint": "other data (inputs, targets or loss differ from problem's)",
+    "model_fingerprint": "another model (apply_fn computes something else: its jaxpr on one "
+                         "sample differs)",
+    "mode": None,
+}
+
+
+def check_fingerprint(path: str, extra: Mapping[str, Any], expected: Mapping[str, str]) -> None:
+    """Refuse (`CheckpointError`) to resume checkpoint `path` whose recorded data, model or mode
+    (`extra`, as `fit` saves it) differ from this run's (`expected`); keys a checkpoint lacks
+    (written by an earlier version) are not checked."""
+    for key, what in _RUN_KEYS.items():
+        stored = extra.get(key)
+        if stored is None or key not in expected or not expected[key] or not str(stored):
+            continue
+        if str(stored) == expected[key]:
+            continue
+        if key == "mode":
+            what = (f"a {stored} run; this run is {expected[key]} (batches "
+                    f"{'given' if expected[key] == 'mini-batch' else 'not given'})")
+        raise CheckpointError(
+            f"checkpoint {path!r} was written for {what}: resuming would mix two runs. Pass "
+            "resume=False to start afresh, or another checkpoint_dir")

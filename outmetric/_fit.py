@@ -1,6 +1,7 @@
 """`fit`: a compiled training loop for any optax optimizer on a `Problem`, full-batch or
 mini-batch, that never returns non-finite parameters as a success and can checkpoint and resume."""
 
+import contextlib
 import hashlib
 import math
 import os
@@ -16,7 +17,16 @@ import optax
 from jaxtyping import PyTree
 from tqdm.auto import tqdm
 
-from ._checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from ._checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    CheckpointLock,
+    check_fingerprint,
+    check_overwritable,
+    load_checkpoint,
+    model_fingerprint,
+    save_checkpoint,
+)
 from ._errors import NonFiniteError
 from ._problem import Problem, check_params, static_real
 from ._results import RESULTS
@@ -309,45 +319,50 @@ def fit(
                              "inf at the initial params")
     state = _init(optimizer, params)
     start = _Progress(0, params, state, (), 0, -1, ())
-    fingerprint = _data_fingerprint(problem) if checkpoint is not None else None
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
-        saved = load_checkpoint(checkpoint, params, state)
-        if len(saved.costs) != saved.step:
-            raise CheckpointError(f"checkpoint {checkpoint!r} has {len(saved.costs)} costs for "
-                                  f"{saved.step} steps; it was not written by fit")
-        stored = saved.extra.get("data_fingerprint")
-        if stored is not None and str(stored) != fingerprint:
-            raise CheckpointError(
-                f"checkpoint {checkpoint!r} was written for other data (inputs, targets or "
-                "loss differ from problem's): resuming would mix two runs. Pass resume=False "
-                "to start afresh, or another checkpoint_dir")
-        sigmas = saved.extra.get("min_singular_values", np.full(saved.step, -1.0))
-        start = _Progress(saved.step, saved.params, saved.opt_state, tuple(saved.costs.tolist()),
-                          int(saved.extra.get("fallback_steps", 0)),
-                          int(saved.extra.get("min_rank", -1)),
-                          tuple(np.asarray(sigmas, float).reshape(-1).tolist()))
+    fingerprint = _data_fingerprint(problem, params, batches) if checkpoint is not None else None
+    lock = contextlib.nullcontext()
     if checkpoint is not None:
         os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
-    # The host sees the run between chunks; without a bar, a callback or checkpoints it has
-    # nothing to do there, and longer chunks save the dispatches.
-    interactive = progress or callback is not None or checkpoint is not None
-    chunk = int(chunk_size or (10 if interactive else 100))
-    every = int(checkpoint_every or chunk) if checkpoint is not None else None
-    run = _fit_batches if batches is not None else _fit_full
-    checkpoint = None if checkpoint is None else (checkpoint, fingerprint)
-    return run(problem, optimizer, start, eps, max_steps, callback, progress, chunk, batches,
-               use_grad, checkpoint, every)
+        lock = CheckpointLock(checkpoint)  # held for the run: a second run here is refused
+    with lock:
+        if checkpoint is not None and resume and os.path.exists(checkpoint):
+            saved = load_checkpoint(checkpoint, params, state)
+            if len(saved.costs) != saved.step:
+                raise CheckpointError(f"checkpoint {checkpoint!r} has {len(saved.costs)} costs "
+                                      f"for {saved.step} steps; it was not written by fit")
+            check_fingerprint(checkpoint, saved.extra, fingerprint)
+            sigmas = saved.extra.get("min_singular_values", np.full(saved.step, -1.0))
+            start = _Progress(saved.step, saved.params, saved.opt_state,
+                              tuple(saved.costs.tolist()),
+                              int(saved.extra.get("fallback_steps", 0)),
+                              int(saved.extra.get("min_rank", -1)),
+                              tuple(np.asarray(sigmas, float).reshape(-1).tolist()))
+        elif checkpoint is not None:
+            check_overwritable(checkpoint)  # resume=False: never over a file fit did not write
+        # The host sees the run between chunks; without a bar, a callback or checkpoints it
+        # has nothing to do there, and longer chunks save the dispatches.
+        interactive = progress or callback is not None or checkpoint is not None
+        chunk = int(chunk_size or (10 if interactive else 100))
+        every = int(checkpoint_every or chunk) if checkpoint is not None else None
+        run = _fit_batches if batches is not None else _fit_full
+        checkpoint = None if checkpoint is None else (checkpoint, fingerprint)
+        return run(problem, optimizer, start, eps, max_steps, callback, progress, chunk, batches,
+                   use_grad, checkpoint, every)
 
 
-def _data_fingerprint(problem: Problem) -> str:
-    """SHA-256 of the loss, the shapes and dtypes and (where this host can read them) the bytes
-    of the inputs and targets: what a checkpoint must have been trained on to be resumed."""
+def _data_fingerprint(problem: Problem, params: PyTree, batches) -> dict[str, str]:
+    """What a checkpoint must have been written by to be resumed: `data_fingerprint`, SHA-256 of
+    the loss, the shapes and dtypes and (where this host can read them) the bytes of the inputs
+    and targets; `model_fingerprint`, of the model's jaxpr (`model_fingerprint`); `mode`,
+    full-batch or mini-batch."""
     digest = hashlib.sha256(f"{problem.loss}|{problem.batched}".encode())
     for leaf in jax.tree_util.tree_leaves((problem.inputs, problem.targets)):
         digest.update(f"{jnp.shape(leaf)}|{jnp.asarray(leaf).dtype}".encode())
         if getattr(leaf, "is_fully_addressable", True):
             digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return digest.hexdigest()
+    return {"data_fingerprint": digest.hexdigest(),
+            "model_fingerprint": model_fingerprint(problem, params),
+            "mode": "full-batch" if batches is None else "mini-batch"}
 
 
 def _checkpoint_path(checkpoint_dir, checkpoint_every, resume) -> str | None:
@@ -382,15 +397,15 @@ class _Progress(NamedTuple):
 
 
 def _save(checkpoint, snap: _Progress) -> int | None:
-    """Checkpoint `snap` to `checkpoint` = (path, data fingerprint), if given; returns the step
-    saved."""
+    """Checkpoint `snap` to `checkpoint` = (path, fingerprints of `_data_fingerprint`), if given;
+    returns the step saved."""
     if checkpoint is None:
         return None
     path, fingerprint = checkpoint
     save_checkpoint(path, snap.params, snap.state, snap.step, snap.costs,
                     extra={"fallback_steps": snap.fallback_steps, "min_rank": snap.min_rank,
                            "min_singular_values": np.asarray(snap.sigmas, float),
-                           "data_fingerprint": fingerprint})
+                           **fingerprint})
     return snap.step
 
 

@@ -94,7 +94,27 @@ def check_params(params: PyTree) -> None:
                 "solves (Cholesky, QR, eigh) need float32 or float64 params (cast with "
                 ".astype(jnp.float32))"
             )
+    if not any(np.size(leaf) for leaf in leaves):
+        raise ValueError("params has no entries (K = 0 parameters): there is nothing to train")
     _check_finite("params", params)
+
+
+def params_dtype(params: PyTree):
+    """The floating dtype the parameters compute in (the widest of their leaves)."""
+    return jnp.result_type(*[jnp.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)])
+
+
+def _check_data_dtype(name: str, leaf) -> None:
+    """Boolean and half-precision data are refused with a `TypeError` naming `name`."""
+    dtype = getattr(leaf, "dtype", None)
+    dtype = np.dtype(np.asarray(leaf).dtype if dtype is None else dtype)
+    if dtype == np.bool_:
+        raise TypeError(f"{name} has dtype bool; pass numbers ({name}.astype(float)"
+                        + (", or integer class indices for cross-entropy)" if name == "targets"
+                           else ")"))
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        raise TypeError(f"{name} has dtype {dtype}: half precision rounds {name} to ~3 digits, "
+                        f"which the fit would then match; cast with {name}.astype(jnp.float32)")
 
 
 class Problem(eqx.Module):
@@ -114,8 +134,18 @@ class Problem(eqx.Module):
     - `num_classes`, `label_smoothing`: for integer cross-entropy labels only; `num_classes`
       defaults to `max(targets) + 1`, smoothing to 0.01.
 
-    The data are pytree leaves, so a `Problem` can be passed through `jax.jit` and into optax
-    extra args; a new batch of the same shape does not recompile.
+    **Precision:** outputs are computed in the parameters' precision. An `apply_fn` that returns
+    a narrower float than the params (float16 or float32 outputs on float64 params) has its
+    outputs cast up before the residual (as JAX's own promotion would), so the cost is the true
+    cost of those outputs against the targets, never one against targets rounded to the outputs'
+    dtype. Targets are used in the parameters' dtype (float32 params on float64 data: float32).
+    Boolean and half-precision inputs or targets are refused.
+
+    **jit:** the data are pytree leaves, so a `Problem` can be passed through `jax.jit` and into
+    optax extra args; a new batch of the same shape does not recompile. Its bound methods are
+    pytrees too (equinox), so jit them with `eqx.filter_jit(problem.cost)`, or pass the problem
+    as an argument: `jax.jit(Problem.cost)(problem, params)`. `jax.jit(problem.cost)` cannot
+    work (jit hashes the function, and a Problem holds arrays); it raises a `TypeError` saying so.
     """
 
     inputs: PyTree[Array] | None
@@ -145,6 +175,7 @@ class Problem(eqx.Module):
             raise TypeError(f"batched must be True or False, got {batched!r}")
         if targets is None or not _is_numeric(targets):
             raise TypeError(f"targets must be a numeric array, got {_describe(targets)}")
+        _check_data_dtype("targets", targets)
         targets = jnp.asarray(targets)
         if targets.ndim == 0:
             raise ValueError("targets must have a leading sample axis, got a scalar")
@@ -158,6 +189,7 @@ class Problem(eqx.Module):
             for leaf in leaves:
                 if not _is_numeric(leaf):
                     raise TypeError(f"inputs must hold numeric arrays, got {_describe(leaf)}")
+                _check_data_dtype("inputs", leaf)
                 shape = jnp.shape(leaf)
                 if len(shape) == 0 or shape[0] != num_samples:
                     raise ValueError(
@@ -165,6 +197,9 @@ class Problem(eqx.Module):
                         f"leading shape {shape[:1]}, targets has {num_samples}"
                     )
             _check_finite("inputs", inputs)
+        if num_classes is not None and (isinstance(num_classes, (bool, np.bool_)) or not isinstance(
+                num_classes, (int, np.integer)) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if loss == "cross_entropy" and jnp.issubdtype(targets.dtype, jnp.integer):
             if targets.ndim != 1:
                 raise ValueError(
@@ -190,6 +225,9 @@ class Problem(eqx.Module):
             targets = targets[:, None]
         if targets.ndim != 2:
             raise ValueError(f"targets must have shape (N, Q) or (N,), got {targets.shape}")
+        if targets.shape[1] == 0:
+            raise ValueError(f"targets has shape {targets.shape}: Q = 0 outputs per sample; a "
+                             "problem needs at least one output (targets (N,) means Q = 1)")
         if loss == "cross_entropy" and targets.shape[1] < 2:
             raise ValueError(
                 "cross-entropy targets must be label vectors (N, Q) with Q >= 2 classes or integer "
@@ -199,6 +237,15 @@ class Problem(eqx.Module):
         if loss == "cross_entropy" and _is_concrete(targets):
             if bool(jnp.any(targets < 0)):
                 raise ValueError("cross-entropy targets must be non-negative label vectors")
+            sums = np.asarray(jnp.sum(targets, axis=1), np.float64)
+            wrong = np.flatnonzero(np.abs(sums - 1.0) > 1e-5)
+            if wrong.size:
+                j = int(wrong[0])
+                what = "is all zero" if sums[j] == 0 else f"sums to {sums[j]:.6g}"
+                raise ValueError(
+                    f"cross-entropy targets must be label vectors summing to 1 per sample; row "
+                    f"{j} {what} ({wrong.size} of {sums.size} rows do not sum to 1): normalise "
+                    "them, or pass integer class indices (N,)")
         self.inputs = inputs
         self.targets = targets
         self.apply_fn = apply_fn
@@ -206,6 +253,13 @@ class Problem(eqx.Module):
         self.batched = batched
         self.residual_fn = residual_fn
         self.label_smoothing = label_smoothing
+
+    def __hash__(self):
+        raise TypeError(
+            "an outmetric.Problem holds arrays and cannot be hashed, so jax.jit(problem.cost) "
+            "cannot treat problem.cost as a static function: use eqx.filter_jit(problem.cost) "
+            "(bound methods of equinox modules are pytrees), jax.jit(Problem.cost)(problem, "
+            "params), or jax.jit(lambda p: problem.cost(p))")
 
     @classmethod
     def from_residual(cls, residual_fn: Callable[[PyTree], Array], num_residuals: int | None = None,
@@ -259,8 +313,13 @@ class Problem(eqx.Module):
 
     # ------------------------------------------------------------------ outputs and cost
 
-    def _check_sample_output(self, out: Array, expect_batch: int | None) -> Array:
+    def _check_sample_output(self, out: Array, expect_batch: int | None, dtype=None) -> Array:
         q = self.output_dim
+        if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+            raise TypeError(
+                f"apply_fn returned a {type(out).__name__}; it must return one array, of shape "
+                f"({q},) per sample (or ({q},) rows of a batch with batched=True): return the "
+                "model's output array, not a tuple, list or dict")
         shape = out.shape
         if expect_batch is None:
             ok = shape == (q,) or (q == 1 and shape == ())
@@ -269,34 +328,63 @@ class Problem(eqx.Module):
             ok = shape == (expect_batch, q) or (q == 1 and shape == (expect_batch,))
             want = f"({expect_batch}, {q})"
         if not ok:
+            hint = ""
+            if expect_batch is None and len(shape) == 2 and shape[1:] == (q,):
+                hint = ": apply_fn seems to return a batch; if it takes one, pass batched=True"
             raise ValueError(
                 f"apply_fn returned shape {shape}{' per sample' if expect_batch is None else ''}; "
-                f"expected {want} to match targets of shape {self.targets.shape}"
+                f"expected {want} to match targets of shape {self.targets.shape}{hint}"
             )
         if not jnp.issubdtype(out.dtype, jnp.floating):
             raise TypeError(f"apply_fn returned dtype {out.dtype}; outputs must be floating point")
+        if dtype is not None and out.dtype != dtype:
+            out = out.astype(dtype)  # the parameters' precision (see the class docstring)
         return out.reshape(shape[:1] + (q,) if expect_batch is not None else (q,))
+
+    def _call_apply(self, params: PyTree, u: PyTree) -> Array:
+        """`apply_fn(params, u)`; an error tracing a per-sample call says that `batched=False`
+        gave it one sample without the batch axis."""
+        if self.batched:
+            return self.apply_fn(params, u)
+        try:
+            return self.apply_fn(params, u)
+        except (TypeError, ValueError, IndexError) as err:
+            if type(err) not in (TypeError, ValueError, IndexError):
+                raise  # jax's own errors (a tracer misuse in the model) or the user's
+            shapes = jax.tree_util.tree_map(jnp.shape, u)
+            raise type(err)(
+                f"apply_fn(params, u) failed on one sample u of shape {shapes}: "
+                f"{str(err).rstrip('.')}. With "
+                "batched=False (the default) apply_fn gets one sample at a time, without the "
+                "batch axis; if it is written for a batch (n, ...), as flax's model.apply is, "
+                "pass batched=True") from err
 
     def _sample_output(self, params: PyTree, u: PyTree) -> Float[Array, " Q"]:
         """x_j = f(θ, u_j) for one sample, shape (Q,)."""
+        dtype = params_dtype(params)
         if self.batched:
             batch = jax.tree_util.tree_map(lambda a: a[None], u)
-            out = self._check_sample_output(self.apply_fn(params, batch), 1)
+            out = self._check_sample_output(self.apply_fn(params, batch), 1, dtype)
             return out[0]
-        return self._check_sample_output(self.apply_fn(params, u), None)
+        return self._check_sample_output(self._call_apply(params, u), None, dtype)
 
     def outputs(self, params: PyTree) -> Float[Array, "N Q"]:
         """All outputs x(θ), shape ``(N, Q)``."""
         check_params(params)
         if self.residual_fn is not None:
             r = self.residual_fn(params)
+            if not hasattr(r, "shape"):
+                raise TypeError(f"residual_fn returned a {type(r).__name__}; it must return one "
+                                f"array of shape ({self.num_samples},)")
             if r.shape != (self.num_samples,):
                 raise ValueError(
                     f"residual_fn returned shape {r.shape}; expected ({self.num_samples},)"
                 )
-            return r[:, None]
+            dtype = params_dtype(params)
+            return (r if r.dtype == dtype else r.astype(dtype))[:, None]
         if self.batched:
-            return self._check_sample_output(self.apply_fn(params, self.inputs), self.num_samples)
+            return self._check_sample_output(self.apply_fn(params, self.inputs), self.num_samples,
+                                             params_dtype(params))
         return jax.vmap(self._sample_output, in_axes=(None, 0))(params, self.inputs)
 
     def cost(self, params: PyTree) -> Float[Array, ""]:
@@ -369,6 +457,21 @@ class Problem(eqx.Module):
         """D(θ)ᵀ·w for output cotangents w of shape ``(N, Q)``; one reverse pass."""
         _, pullback = jax.vjp(self.outputs, params)
         return pullback(cotangent)[0]
+
+
+def nonfinite_cost_message(problem: Problem, params: PyTree) -> str:
+    """Why C(params) is not finite, for the error of an entry point: NaN or inf outputs of the
+    model, or finite outputs whose cost overflows the dtype (then the model is not to blame)."""
+    x = np.asarray(problem.outputs(params))
+    if not np.all(np.isfinite(x)):
+        return ("params give a non-finite initial cost: the model returns NaN or inf at the "
+                "initial params")
+    residual = np.abs(x - np.asarray(problem.targets, x.dtype))
+    return (f"params give a non-finite initial cost, but the model's outputs are finite "
+            f"(largest |output| {np.max(np.abs(x)):.3g}, largest |output - target| "
+            f"{np.max(residual):.3g}): the {problem.loss} cost overflows {x.dtype}. Rescale the "
+            "targets and the model's outputs"
+            + (" (or compute in float64)" if x.dtype != np.float64 else ""))
 
 
 def check_chunk_size(chunk_size) -> None:
