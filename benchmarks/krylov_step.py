@@ -77,7 +77,7 @@ def main(argv=None):
                               "met": all(r["converged"] for r in rows)},
         },
     }
-    name = "krylov_step_quick" if args.quick else "krylov_step"
+    name = "krylov_step_quick.json" if args.quick else "krylov_step.json"
     print(common.write_json(args.out, name, payload))
 
 
