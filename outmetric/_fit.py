@@ -445,9 +445,11 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="step")
     done = bad = rolled_back = stopped = solve_bad = False
     final_cost = None
-    status = RESULTS.running
+    # A run resumed from the checkpoint of a finished run has nothing left to do.
+    status = RESULTS(int(_solve_report(snap.state)[4]))
     try:
-        while snap.step < max_steps and not (done or bad or stopped):
+        while (snap.step < max_steps and not (done or bad or stopped)
+               and status == RESULTS.running):
             num = min(chunk, max_steps - snap.step)
             if every is not None:
                 num = min(num, every - snap.step % every)
@@ -469,10 +471,11 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
                 # as the next chunk would have, so neither the result nor a checkpoint keeps it.
                 params, state, has_prev = prev_params, prev_state, jnp.asarray(False)
                 bad = rolled_back = True
-            if rolled_back:  # the last step (maybe of an earlier chunk) is undone
+            if rolled_back:  # the last step (maybe of an earlier chunk) is undone: the cost
+                # before it is the cost where the run now stands
+                final_cost = history[-1] if history else final_cost
                 history = history[:-1]
                 sigma_history = sigma_history[:-1]
-                final_cost = history[-1] if history else float("nan")
             prev = (prev_params, prev_state, has_prev)
             snap = _Progress(len(history), params, state, history, int(fallbacks), int(min_rank),
                              sigma_history)

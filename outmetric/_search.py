@@ -164,16 +164,17 @@ def _trials(try_one: Callable, carry, max_trials: int, like):
 
 def levenberg_marquardt(factor, inv_sqrt_scale, eta, cost0, trial_cost, num_samples, *,
                         damping, growth, floor, cap, xnorm, ftol, xtol,
-                        max_trials: int) -> Outcome:
+                        max_trials: int, between_updates: bool = False) -> Outcome:
     r"""Levenberg–Marquardt with Nielsen's damping rule, for factorizations that pay per λ
     (`DirectFactor`: a Cholesky of the damped Gram each; one CG solve with `max_trials=1`).
 
     Accept when ρ ≥ 1e-4 and shrink λ by $\max(1/3, 1 - (2\rho - 1)^3)$; otherwise multiply λ
     by ν and double ν. λ stays in [`floor`, `cap`]: the floor is what the Cholesky factorization
     of the damped Gram needs (its pivots lose all accuracy below n·ε times the Gram's scale),
-    not a limit on progress, which the scaled damping keeps out of the way. An update without a
-    decrease keeps the escalated λ only for a one-trial (matrix-free) search, which adapts λ
-    between updates as Hessian-free optimisation does.
+    not a limit on progress, which the scaled damping keeps out of the way. With
+    `between_updates` (the matrix-free search: a few solves at most, usually one) an update
+    without a decrease keeps the escalated λ for the next update, as Hessian-free optimisation
+    does, and is not a stall.
     """
     dtype = inv_sqrt_scale.dtype
 
@@ -190,7 +191,7 @@ def levenberg_marquardt(factor, inv_sqrt_scale, eta, cost0, trial_cost, num_samp
     lam0 = jnp.clip(damping, floor, cap).astype(dtype)
     (lam, nu), accepted, status, step, solve = _trials(
         try_one, (lam0, jnp.asarray(growth, dtype)), max_trials, inv_sqrt_scale)
-    if max_trials > 1:
+    if not between_updates:
         # No decrease within the budget: restart from the λ this update began with.
         lam = jnp.where(accepted, lam, lam0)
         nu = jnp.where(accepted, nu, 2.0)
@@ -203,16 +204,19 @@ def backtracking(damped: DampedStep, inv_sqrt_scale, eta, cost0, trial_cost, num
                  xnorm, ftol, xtol, max_trials: int, enabled: bool = True) -> Outcome:
     r"""A fixed-λ step with backtracking: the largest α in {1, 1/2, 1/4, …} with
     $C(\theta - \alpha\eta\delta) < C(\theta)$ (α = 0 if none within `max_trials`); with
-    `enabled=False` the plain step (α = 1). The tests run on the full step's trial."""
+    `enabled=False` the plain step (α = 1), which runs no stopping test (it is the Euler
+    discretisation of the flow: `eps` and `max_steps` end it). The tests run on the full step's
+    trial."""
     dtype = inv_sqrt_scale.dtype
     trial = evaluate(damped, inv_sqrt_scale, eta, cost0, trial_cost, num_samples)
     status = _status(_ftol(trial, ftol), trial.length <= xtol * xnorm)
     full = trial.step
     one = jnp.asarray(1.0, dtype)
-    if not enabled:
+    if not enabled:  # the plain Euler step: no safeguard, and no stopping test either
         alpha = jnp.where(trial.solve.finite, one, 0.0)
         return Outcome(jnp.where(trial.solve.finite, full, 0.0), alpha, jnp.asarray(-1.0, dtype),
-                       jnp.asarray(2.0, dtype), jnp.asarray(-1.0, dtype), status, trial.solve)
+                       jnp.asarray(2.0, dtype), jnp.asarray(-1.0, dtype),
+                       jnp.asarray(RESULTS.running, jnp.int32), trial.solve)
 
     def cond(carry):
         i, _, done = carry

@@ -296,9 +296,13 @@ STEP_RULES = ("auto", "trust_region", "levenberg_marquardt")
 #: Scaled damping: "auto" (column scaling on the tall side under adaptive damping), or either.
 SCALINGS = ("auto", "jacobian", "identity")
 
+#: Krylov solves per update at most on the matrix-free path after the first update (one unless
+#: it is rejected; the first update may try `max_linesearch_steps` λ).
+MATRIX_FREE_TRIALS = 3
+
 #: Eisenstat–Walker (choice 2) for the matrix-free solve: η_k = γ(‖g_k‖/‖g_{k-1}‖)^2, at most
 #: `FORCING_MAX`, at least the solve tolerance.
-FORCING_GAMMA, FORCING_MAX = 0.9, 0.5
+FORCING_GAMMA, FORCING_MAX = 0.9, 0.01  # 0.5 gave steps too crude on small fits
 
 
 def _default_tolerance(value, dtype) -> float:
@@ -371,8 +375,10 @@ def output_metric_descent(
       `initial_damping` times the mean diagonal of the (scaled) Gram (`_search.levenberg_marquardt`).
     - `damping="adaptive"` with a matrix-free solver (`"cg"`): one inexact CG solve per update
       on the K side, warm-started from the previous direction and stopped by the
-      Eisenstat–Walker forcing rule (or at `cg_tol` when given); λ is adapted between updates
-      from ρ, as in Hessian-free optimisation, and an update without decrease takes no step.
+      Eisenstat–Walker forcing rule (or at `cg_tol` when given); λ is adapted from ρ, a rejected
+      solve is retried with a larger λ at most twice (the first update: up to
+      `max_linesearch_steps` times), and the λ carries to the next update, as
+      in Hessian-free optimisation; an update without decrease takes no step.
     - `damping=λ` (a number ≥ 0): fixed damping; with `linesearch="backtracking"` the step
       fraction $\alpha_k$ is the largest of 1, 1/2, 1/4, … that decreases C; with
       `linesearch=None` the plain Euler step ($\alpha_k = 1$; for a model linear in θ with
@@ -561,7 +567,10 @@ def output_metric_descent(
             outcome = levenberg_marquardt(
                 factor, *common, damping=lam0, growth=state.damping_growth, floor=floor,
                 cap=1e16 * mean_diagonal, xnorm=xnorm, ftol=ftol_, xtol=xtol_,
-                max_trials=1 if matrix_free else max_trials)
+                # matrix-free: the first update searches for λ in full, later ones retry twice
+                max_trials=(jnp.where(state.damping < 0, max_trials, MATRIX_FREE_TRIALS)
+                            if matrix_free else max_trials),
+                between_updates=matrix_free)
 
         result = outcome.solve
         status = jnp.where(gtol_hit, RESULTS.gtol_reached, outcome.status).astype(jnp.int32)

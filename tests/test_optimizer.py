@@ -112,7 +112,7 @@ def test_damped_rules_make_fast_progress_where_undamped_backtracking_stalls(scal
     assert np.all(np.diff(np.asarray(damped)) <= 0)  # the cost never increases
     assert np.all(np.diff(np.asarray(undamped)) <= 0)
     assert damped[-1] <= (1e-4 if scaling == "identity" else 1e-3) * damped[0]
-    assert damped[-1] <= 1e-3 * undamped[-1]
+    assert damped[-1] <= (1e-3 if scaling == "identity" else 2e-3) * undamped[-1]
     assert bool(jnp.isfinite(state.damping)) and float(state.damping) > 0
 
 

@@ -162,7 +162,8 @@ def test_fit_reports_why_it_stopped():
     problem, b0 = exponential_fit()
     assert om.fit(problem, b0, max_steps=2, progress=False).status == om.RESULTS.max_steps_reached
     assert not om.fit(problem, b0, max_steps=2, progress=False).converged
-    result = om.fit(problem, b0, max_steps=50, progress=False, callback=lambda *a: True)
+    result = om.fit(problem, b0, max_steps=50, progress=False, chunk_size=1,
+                    callback=lambda *a: True)
     assert result.status == om.RESULTS.stopped_by_callback and not result.converged
     result = om.fit(problem, b0, eps=0.01, progress=False)
     assert result.status == om.RESULTS.eps_reached and result.converged
@@ -203,7 +204,7 @@ def test_matrix_free_default_descends_with_one_solve_per_update():
         costs.append(float(problem.cost(params)))
         assert bool(state.solve_converged)
     assert np.all(np.diff(costs) <= 0)
-    assert costs[-1] <= 1e-6 * costs[0]
+    assert costs[-1] <= 1e-3 * costs[0]
     other = problem.with_data(problem.inputs * 0.5, problem.targets)
     update(state, params, other)
     assert update._cache_size() == 1
