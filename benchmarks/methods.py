@@ -70,7 +70,9 @@ def outmetric_stepper(optimizer: optax.GradientTransformationExtraArgs,
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         updates, opt_state = optimizer.update(zeros, opt_state, params, problem=problem)
         halt = jnp.asarray(False)
-        if hasattr(opt_state, "step_size"):  # no decrease found: the same step would fail again
+        if hasattr(opt_state, "status"):  # the optimizer's own termination (ftol, xtol, stall)
+            halt = opt_state.status != om.RESULTS.running
+        elif hasattr(opt_state, "step_size"):  # no decrease found: the same step would fail again
             halt = opt_state.step_size == 0
         return (optax.apply_updates(params, updates), opt_state), halt
 
@@ -331,8 +333,9 @@ def run(method: Method, bp: BenchProblem, *, budget_s: float | None = None,
         error_now = None if error_fn is None else float(error_fn(state))
         trace.append((steps, seconds, cost_now, error_now))
         if stop:
-            last = chunk_costs[taken] if taken < num else cost_now
-            if not math.isfinite(float(last)) or not math.isfinite(cost_now):
+            # A halting step is counted (its update applied), so the cost where the run
+            # stands is cost_now; a non-finite cost stops the loop without a step.
+            if not math.isfinite(cost_now):
                 status = "non-finite"
             elif bp.target is not None and cost_now <= bp.target:
                 status = "target"
