@@ -13,8 +13,9 @@ $M\times M$ Gram $DD^\top$ when $M \le K$, the $K\times K$ matrix $D^\top D$ oth
 Methods (the `solver` argument):
 
 - `"cholesky"`: Cholesky of the (damped) Gram matrix. Fast; the hot path of the optimizer.
-  Its pivots give a rank estimate; a non-finite or numerically zero pivot (rank loss with too
-  little damping) switches to `"svd"`, and the result says so (`fallback=True`). The Gram may
+  Its pivots give a rank estimate (not a rank-revealing one: see "Rank" below); a non-finite
+  or numerically zero pivot (rank loss with too little damping), or undamped a pivot below
+  the cut-off, switches to `"svd"`, and the result says so (`fallback=True`). The Gram may
   come from a dense D, from chunks of D never held together (`chunk_size`), or, on the wide
   side, from the model's dense-layer structure (`gram="structured"`; `outmetric._gram`). Without
   a dense D, δ = Dᵀz is one VJP, and the rank-revealing fallback is the eigendecomposition of
@@ -24,7 +25,9 @@ Methods (the `solver` argument):
   rtol·σ_max, the price of never forming D.
 - `"qr"`: QR of $D^\top$ (or $D$), on the matrix augmented by $\sqrt\lambda I$ when damped.
   Accurate to $\kappa(D)\,\epsilon$ rather than $\kappa(D)^2\epsilon$; the default of the
-  undamped flows. A zero diagonal of R (rank loss) switches to `"svd"`.
+  undamped flows. The rank is read off the singular values of the small triangle R (an
+  n×n SVD, n = min(M, K); R's diagonal alone misses ill-conditioning, as on Kahan's matrix);
+  rank loss switches to `"svd"`.
 - `"svd"`: the rank-revealing reference: singular values below `rtol`·σ_max are dropped,
   $\delta = V\,\mathrm{diag}(\sigma/(\sigma^2 + \lambda))\,U^\top g$. Expensive; never the default.
 - `"cg"`: matrix-free conjugate gradients (lineax) on the damped Gram operator of the smaller
@@ -50,6 +53,17 @@ Methods (the `solver` argument):
   wide side is solved); when only the Gram fits, `"cholesky"` on a structured or chunked Gram;
   else matrix-free, `"lsmr"` undamped and `"cg"` damped. The pick is logged (logger
   ``"outmetric"``, level INFO) and reported in the optimizer state.
+
+**Rank.** Every method measures rank on one scale, the singular values σ of D relative to
+σ_max: a direction counts when $\sigma_i > \mathrm{rtol}\cdot\sigma_{\max}$ (default rtol =
+max(M, K)·ε, as `numpy.linalg.matrix_rank`). `"svd"` and `"qr"` (the SVD of R) compute σ
+itself; `"eigh"` and the Gram fallback take $\sigma_i = \sqrt{\mu_i}$ from the Gram's eigenvalues,
+with the floor $\sqrt{n\epsilon}\,\sigma_{\max}$ below which μ is round-off of the Gram;
+`"cholesky"` counts $\sqrt{p_i - \lambda}$ from its pivots $p_i$ against $\sqrt{\max_i G_{ii}}$
+and, since pivots (like R's diagonal) are not rank-revealing, checks the smallest eigenvalue
+of the damped Gram, found by three inverse iterations with the factor ($O(n^2)$ each), against
+the same cut-off (with the Gram's floor). Undamped, a direction below the cut-off is rank
+lost and dropped: the step is the pseudo-inverse's (the SVD or eigh fallback).
 
 Dense factorizations call LAPACK through `jax.numpy.linalg` rather than lineax's dense solvers
 because the rank estimate and fallback need the factors themselves; the matrix-free paths are
@@ -596,7 +610,18 @@ def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
     pivots = jnp.diag(chol) ** 2
     # A pivot of the damped Gram below n·ε·scale means the factor has lost all accuracy.
     gram_tol = max(gram.shape[0], 1) * float(jnp.finfo(gram.dtype).eps) * scale
+    # The rank on the σ scale (module docstring, "Rank"): sqrt(pivot - λ) against rtol·sqrt(scale).
+    rank = jnp.sum(jnp.sqrt(jnp.maximum(pivots - lam, 0.0))
+                   > rtol * jnp.sqrt(scale)).astype(jnp.int32)
     healthy = jnp.all(jnp.isfinite(chol)) & (jnp.min(pivots) > gram_tol) & (scale > 0)
+    # Pivots are not rank-revealing (Kahan's matrix): μ_min of the damped Gram by a few inverse
+    # iterations with the factor, O(n²) each, sees what they miss.
+    mu_min = _smallest_eigenvalue(chol)
+    cut = max(rtol, np.sqrt(max(gram.shape[0], 1) * float(jnp.finfo(gram.dtype).eps)))
+    lost = ~(jnp.sqrt(jnp.maximum(mu_min - lam, 0.0)) > cut * jnp.sqrt(scale))
+    rank = jnp.where(lost, jnp.minimum(rank, gram.shape[0] - 1), rank).astype(jnp.int32)
+    # Undamped, a direction below the cut-off is rank lost: the pseudo-inverse drops it.
+    healthy = healthy & ((lam > 0) | (rank == gram.shape[0]))
 
     def factor_solve(_):
         if wide:
@@ -604,7 +629,6 @@ def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
             delta = lin.rmatvec(z)
         else:
             delta = jsl.cho_solve((chol, True), lin.rmatvec(rhs))
-        rank = jnp.sum(pivots - lam > rtol * scale).astype(jnp.int32)
         return SolveResult(delta, rank, jnp.asarray(False), jnp.asarray(True))
 
     if jac is not None:
@@ -612,6 +636,20 @@ def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
     else:
         fallback = lambda _: _eigh(lin, gram, rhs, lam, rtol)  # noqa: E731
     return jax.lax.cond(healthy, factor_solve, fallback, None)
+
+
+def _smallest_eigenvalue(chol, iterations: int = 3) -> Float[Array, ""]:
+    """μ_min of LLᵀ from its Cholesky factor L by inverse iteration from a fixed random start
+    (a rank loss leaves a large gap below the kept eigenvalues, so a few iterations do)."""
+    n = chol.shape[0]
+    v = jax.random.normal(jax.random.PRNGKey(0), (n,), chol.dtype)
+    v = v / jnp.linalg.norm(v)
+    growth = jnp.asarray(1.0, chol.dtype)
+    for _ in range(iterations):
+        w = jsl.cho_solve((chol, True), v)
+        growth = jnp.linalg.norm(w)
+        v = w / jnp.where(growth > 0, growth, 1.0)
+    return 1.0 / growth
 
 
 def _eigh(lin: Linearization, gram, rhs, lam, rtol) -> SolveResult:
@@ -653,9 +691,12 @@ def _qr(jac, rhs, damping, rtol) -> SolveResult:
         q, r = jnp.linalg.qr(aug.T)
     else:
         q, r = jnp.linalg.qr(aug)
-    diag = jnp.abs(jnp.diag(r))
-    rank = jnp.sum(diag > rtol * jnp.max(diag)).astype(jnp.int32)
-    healthy = jnp.all(jnp.isfinite(r)) & (rank == r.shape[0])
+    # R's diagonal is not rank-revealing (a Kahan matrix keeps it O(1) at σ_min/σ_max = 1e-16);
+    # the singular values of the small triangle R are those of D (or of the augmented matrix).
+    finite = jnp.all(jnp.isfinite(r))
+    sigma = jnp.linalg.svd(jnp.where(finite, r, 0.0), compute_uv=False)
+    rank = jnp.sum(kept_singular_values(sigma, rtol)).astype(jnp.int32)
+    healthy = finite & (rank == r.shape[0])
 
     def factor_solve(_):
         if wide:
