@@ -28,7 +28,7 @@ from ._checkpoint import (
     save_checkpoint,
 )
 from ._errors import NonFiniteError
-from ._problem import Problem, check_params, static_real
+from ._problem import Problem, check_params, nonfinite_cost_message, static_real
 from ._results import RESULTS
 from ._transform import (
     GRADIENT_FREE,
@@ -182,11 +182,11 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
     running = jnp.asarray(RESULTS.running, jnp.int32)
 
     def cond(loop):
-        i, _, _, _, done, bad, _, _, status = loop
+        i, _, _, _, done, bad, _, _, status, _ = loop
         return (i < num) & ~done & ~bad & (status == running)
 
     def body(loop):
-        i, carry, costs, sigmas, _, _, _, _, _ = loop
+        i, carry, costs, sigmas, _, _, _, _, _, _ = loop
         params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
         cost, new_params, new_state, params_ok = _step(optimizer, problem, params, state,
                                                        use_grad)
@@ -197,6 +197,10 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
         solve_bad = cost_ok & ~done & ~solve_ok
         advance = cost_ok & params_ok & solve_ok & ~done
         rolled_back = ~cost_ok & has_prev
+        # A non-finite cost from finite outputs: the loss overflows the dtype, not the model.
+        cost_overflow = jax.lax.cond(
+            cost_ok, lambda: jnp.asarray(False),
+            lambda: jnp.all(jnp.isfinite(problem.outputs(params))))
         sigmas = sigmas.at[i].set(sigma.astype(dtype))
         carry = (
             _select(advance, new_params, _select(rolled_back, prev_params, params)),
@@ -207,12 +211,15 @@ def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
             fallbacks + (advance & fallback).astype(fallbacks.dtype),
             jnp.where(advance, _merge_rank(min_rank, rank), min_rank),
         )
-        status = jnp.where(done, RESULTS.eps_reached, jnp.where(advance, status, running))
+        # An overflowing Gram is reported whatever the solve did with it.
+        keep = advance | (status == RESULTS.overflow)
+        status = jnp.where(done, RESULTS.eps_reached, jnp.where(keep, status, running))
         return (i + advance.astype(i.dtype), carry, costs, sigmas, done, ~advance & ~done,
-                rolled_back, solve_bad, status.astype(jnp.int32))
+                rolled_back, solve_bad, status.astype(jnp.int32), cost_overflow)
 
     init = (jnp.asarray(0, jnp.int32), carry, costs, sigmas, jnp.asarray(False),
-            jnp.asarray(False), jnp.asarray(False), jnp.asarray(False), running)
+            jnp.asarray(False), jnp.asarray(False), jnp.asarray(False), running,
+            jnp.asarray(False))
     out = jax.lax.while_loop(cond, body, init)
     final_cost = problem.cost(out[1][0]).astype(dtype)
     return (*out, final_cost)
@@ -315,8 +322,7 @@ def fit(
     if batches is None:  # (the mini-batch form checks each batch's cost as it comes)
         cost0 = float(_cost(problem, params))  # also checks apply_fn's output shape early
         if not math.isfinite(cost0):
-            raise ValueError("params give a non-finite initial cost: the model returns NaN or "
-                             "inf at the initial params")
+            raise ValueError(f"fit: {nonfinite_cost_message(problem, params)}")
     state = _init(optimizer, params)
     start = _Progress(0, params, state, (), 0, -1, ())
     fingerprint = _data_fingerprint(problem, params, batches) if checkpoint is not None else None
@@ -429,8 +435,55 @@ def _warn_rank_loss(problem: Problem, result: FitResult) -> None:
         "per step", RuntimeWarning, stacklevel=3)
 
 
+def _overflow_message(problem: Problem, params: PyTree, step: int) -> str:
+    dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
+    return (f"fit: at step {step} the Jacobian D = dx/dθ is finite but its squares overflow "
+            f"{dtype} (the Gram matrix or the squared column norms of D are inf): the model "
+            "is too sensitive to its parameters for this precision, not broken. Rescale the "
+            "parameters and the model's use of them so that |dx/dθ| is moderate (below about "
+            f"{np.sqrt(np.finfo(dtype).max / max(problem.num_samples * problem.output_dim, 1)):.0e}"
+            "). error.result holds the last parameters and their optimizer state")
+
+
+def _no_progress(problem: Problem, result: FitResult, eps) -> FitResult:
+    """A run of updates that never lowered the cost (every trial step rejected) is not silent:
+    a `RuntimeWarning` when it did not converge, or when the targets dwarf the model's outputs
+    (then a convergence test that fired on rejected trials is no convergence: `stalled`)."""
+    costs = result.costs
+    if (result.num_steps == 0 or result.status in (RESULTS.eps_reached, RESULTS.gtol_reached,
+                                                   RESULTS.stopped_by_callback)
+            or not np.all(np.isfinite(costs)) or costs[-1] < costs[0] or costs[0] == 0
+            or (eps is not None and costs[-1] <= eps)):
+        return result
+    hint = ""
+    if problem.residual_fn is None:
+        outputs = np.abs(np.asarray(_outputs(problem, result.params)))
+        targets = np.abs(np.asarray(problem.targets, float))
+        ratio = np.max(targets) / max(np.max(outputs), np.finfo(float).tiny)
+        if ratio > 1e6:
+            hint = (f" The targets are {ratio:.1e} times the model's outputs (largest |target| "
+                    f"{np.max(targets):.3g}, largest |output| {np.max(outputs):.3g}): rescale "
+                    "the targets (or the model's output layer) to a comparable size.")
+    if result.status.converged and not hint:
+        return result  # (started at a minimum: nothing to improve)
+    if result.status.converged:
+        result = result._replace(status=RESULTS.stalled, converged=False)
+    warnings.warn(
+        f"fit: the cost did not decrease in {result.num_steps} step(s) (C = {costs[0]:.6g} "
+        f"throughout): every trial step was rejected; status {result.status.name!r}.{hint}",
+        RuntimeWarning, stacklevel=3)
+    return result
+
+
+@eqx.filter_jit
+def _outputs(problem, params):
+    return problem.outputs(params)
+
+
 def _finite_cost_message(what: str, step: int) -> str:
-    return (f"fit: {what} at step {step}: the model or the optimizer produced NaN or inf. "
+    blame = ("" if "overflows" in what else
+             ": the model or the optimizer produced NaN or inf")
+    return (f"fit: {what} at step {step}{blame}. "
             "error.result holds the last parameters with a finite cost and their optimizer "
             "state (wrap the optimizer in optax.apply_if_finite to skip non-finite updates)")
 
@@ -443,7 +496,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     # The params before the last step, to undo a step that leads to a non-finite cost.
     prev = (snap.params, snap.state, jnp.asarray(False))
     bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="step")
-    done = bad = rolled_back = stopped = solve_bad = False
+    done = bad = rolled_back = stopped = solve_bad = cost_overflow = False
     final_cost = None
     # A run resumed from the checkpoint of a finished run has nothing left to do.
     status = RESULTS(int(_solve_report(snap.state)[4]))
@@ -456,10 +509,11 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             carry = (snap.params, snap.state, *prev, jnp.asarray(snap.fallback_steps, jnp.int32),
                      jnp.asarray(snap.min_rank, jnp.int32))
             (taken, carry, costs, sigmas, done_c, bad_c, back_c, solve_bad_c, status_c,
-             final_c) = _run_chunk(optimizer, problem, carry, jnp.asarray(num), eps_value,
-                                   use_grad, chunk)
+             cost_overflow_c, final_c) = _run_chunk(optimizer, problem, carry, jnp.asarray(num),
+                                                    eps_value, use_grad, chunk)
             taken, done, bad, rolled_back = int(taken), bool(done_c), bool(bad_c), bool(back_c)
             solve_bad = bool(solve_bad_c)
+            cost_overflow = bool(cost_overflow_c)
             status = RESULTS(int(status_c))
             final_cost = float(final_c)
             costs = np.asarray(costs)
@@ -469,6 +523,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             if not bad and not math.isfinite(final_cost) and bool(has_prev):
                 # The last step of the chunk led where the cost is not finite: undo it here,
                 # as the next chunk would have, so neither the result nor a checkpoint keeps it.
+                cost_overflow = bool(jnp.all(jnp.isfinite(_outputs(problem, params))))
                 params, state, has_prev = prev_params, prev_state, jnp.asarray(False)
                 bad = rolled_back = True
             if rolled_back:  # the last step (maybe of an earlier chunk) is undone: the cost
@@ -496,8 +551,11 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     _save_unless_saved(checkpoint, snap, saved_at)
     if final_cost is None:
         final_cost = float(_cost(problem, snap.params))
+    overflow = status == RESULTS.overflow and not done
     if done:
         status = RESULTS.eps_reached
+    elif overflow:
+        bad = True
     elif bad:
         status = RESULTS.nonfinite
     elif stopped and status == RESULTS.running:
@@ -508,10 +566,18 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     result = FitResult(snap.params, snap.state, history, snap.step, status.converged,
                        snap.fallback_steps, snap.min_rank, resumed_from,
                        np.asarray(snap.sigmas, float), status)
-    _warn_rank_loss(problem, result)
+    if not overflow:  # (an overflowing Gram is not a rank loss)
+        _warn_rank_loss(problem, result)
+        result = _no_progress(problem, result, eps)
     if bad:
+        if overflow:
+            raise NonFiniteError(_overflow_message(problem, snap.params, snap.step), result)
         if solve_bad:
             what = "the output-metric solve met NaN or inf in the Jacobian or the residual"
+        elif (rolled_back or not math.isfinite(final_cost)) and cost_overflow:
+            what = (f"the cost became non-finite while the model's outputs stayed finite: the "
+                    f"{problem.loss} cost overflows {jnp.dtype(dtype)} (rescale the targets and "
+                    "the model's outputs)")
         elif rolled_back or not math.isfinite(final_cost):
             what = "the cost became non-finite"
         else:
@@ -564,17 +630,25 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
                 raise TypeError("batches must yield (inputs, targets) pairs") from None
             batch_problem = problem.with_data(inputs, targets)
             (cost, new_params, new_state, params_ok, fallback, rank, sigma, solve_ok,
-             _) = _batch_step(optimizer, batch_problem, snap.params, snap.state, use_grad)
+             code) = _batch_step(optimizer, batch_problem, snap.params, snap.state, use_grad)
             cost = float(cost)
             if not math.isfinite(cost):
+                failure = "the cost became non-finite"
+                if bool(jnp.all(jnp.isfinite(_outputs(batch_problem, snap.params)))):
+                    failure = (f"the cost became non-finite while the model's outputs stayed "
+                               f"finite: the {problem.loss} cost overflows "
+                               f"{jax.flatten_util.ravel_pytree(snap.params)[0].dtype} (rescale "
+                               "the targets and the model's outputs)")
                 if prev is not None:  # the previous step led somewhere the model is not finite
                     snap = _Progress(snap.step - 1, *prev, snap.costs[:-1], snap.fallback_steps,
                                      snap.min_rank, snap.sigmas[:-1])
-                failure = "the cost became non-finite"
                 break
             if eps is not None and cost <= eps:
                 last_cost = cost
                 converged = True
+                break
+            if int(code) == RESULTS.overflow:
+                failure = _overflow_message(batch_problem, snap.params, snap.step)
                 break
             if not bool(solve_ok):
                 failure = "the output-metric solve met NaN or inf in the Jacobian or the residual"
@@ -618,6 +692,8 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
                        np.asarray(snap.sigmas, float), status)
     _warn_rank_loss(problem, result)
     if failure is not None:
+        if failure.startswith("fit: "):  # a complete message (the Gram overflowed)
+            raise NonFiniteError(failure, result._replace(status=RESULTS.overflow))
         raise NonFiniteError(_finite_cost_message(failure, snap.step).replace("step", "batch", 1),
                              result)
     return result

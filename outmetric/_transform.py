@@ -574,8 +574,12 @@ def output_metric_descent(
 
         result = outcome.solve
         status = jnp.where(gtol_hit, RESULTS.gtol_reached, outcome.status).astype(jnp.int32)
+        # D finite, its squares not (|D| ≳ 1e154 in float64): a named failure, not a stall.
+        overflow = _squares_overflow(lin, column_sq if columns_at_hand else None, gradient,
+                                     cost0)
+        status = jnp.where(overflow, RESULTS.overflow, status).astype(jnp.int32)
         # A solve that met NaN or inf returned a zero δ: no step is taken, and none is claimed.
-        ok = result.finite & ~gtol_hit
+        ok = result.finite & ~gtol_hit & ~overflow
         step = jnp.where(ok, outcome.step, 0.0)
         taken = jnp.where(ok, outcome.taken, 0.0).astype(dtype)
         new_updates = lin.unravel(-step)
@@ -598,6 +602,18 @@ def output_metric_descent(
 
     GRADIENT_FREE.add(update_fn)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _squares_overflow(lin, column_sq, gradient, cost) -> Array:
+    """True when D (and Dᵀr, and C) are finite but the Gram or D's squared column norms are
+    not: the dtype's range, not the model, is at fault (`RESULTS.overflow`)."""
+    squares = [jnp.all(jnp.isfinite(x)) for x in (column_sq, lin.gram) if x is not None]
+    if not squares:
+        return jnp.asarray(False)
+    finite = jnp.isfinite(cost) & jnp.all(jnp.isfinite(gradient))
+    if lin.jacobian is not None:
+        finite = finite & jnp.all(jnp.isfinite(lin.jacobian))
+    return finite & ~jnp.all(jnp.stack(squares))
 
 
 class _KrylovFactor:

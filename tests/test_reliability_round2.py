@@ -1,0 +1,126 @@
+"""Reliability, round 2 (issue 14): rank checks that reveal ill-conditioning, huge targets and
+overflowing Jacobians, precision of the Jacobian, deterministic solver choice, frozen layers
+through optax.masked and multi_transform, and composition with upstream transformations."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import outmetric as om
+from helpers import make_problem
+
+
+def linear(params, u):
+    """x_j = ⟨u_j, θ⟩: the rows of the inputs are the rows of D."""
+    return u @ params
+
+
+def kahan(n, c):
+    """Kahan's upper-triangular matrix: its diagonal stays O(s^n) while σ_min/σ_max falls far
+    below it, so neither R's diagonal nor Cholesky pivots see the near rank loss."""
+    s = np.sqrt(1 - c * c)
+    return np.diag(s ** np.arange(n)) @ (np.eye(n) - c * np.triu(np.ones((n, n)), 1))
+
+
+# ------------------------------------------------------------------- item 7: rank-revealing
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["D=Kahan", "D=Kahan^T"])
+def test_qr_sees_the_rank_loss_of_a_kahan_matrix(transpose):
+    jac = kahan(60, 0.36255826192852925)  # σ_min/σ_max = 5e-11
+    sigma = np.linalg.svd(jac, compute_uv=False)
+    assert 4e-11 < sigma[-1] / sigma[0] < 6e-11
+    jac = jac.T if transpose else jac
+    y = np.random.default_rng(0).standard_normal(60)
+    problem = om.Problem(linear, jnp.asarray(jac), jnp.asarray(y)[:, None])
+    delta, result, _ = om.output_metric_gradient(problem, jnp.zeros(60), solver="qr", rtol=1e-10)
+    expected = np.linalg.pinv(jac, rcond=1e-10) @ (-y / 60)
+    assert int(result.rank) == 59
+    np.testing.assert_allclose(np.asarray(delta), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_adapted_flow_stands_still_at_an_ill_conditioned_equilibrium():
+    """Underparametrised (QN = 80 > K = 60), σ_min/σ_max = 4e-16, at θ with Dᵀ(x − y) = 0:
+    the velocity is zero to round-off (it was 8e9 with the unpivoted QR)."""
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.standard_normal((80, 60)))
+    jac = basis @ kahan(60, 0.5207047358726578)
+    theta = rng.standard_normal(60)
+    normal = rng.standard_normal(80)
+    normal -= basis @ (basis.T @ normal)  # orthogonal to range D
+    problem = om.Problem(linear, jnp.asarray(jac), jnp.asarray(jac @ theta + normal)[:, None])
+    assert om.regime(problem, jnp.asarray(theta)).name == "rank-lost"
+    for solver in ("auto", "qr", "svd", "cholesky", "eigh"):
+        velocity = om.adapted_flow(problem, solver=solver)(0.0, jnp.asarray(theta))
+        assert float(jnp.linalg.norm(velocity)) < 1e-8, solver
+
+
+def test_cholesky_and_eigh_measure_rank_on_the_singular_value_scale():
+    """σ_min/σ_max = 1e-6 with rtol = 1e-4: rank lost on the σ scale (1e-6 < 1e-4), though the
+    Gram's μ_min/μ_max = 1e-12 (the σ² scale) — both report it and give the pseudo-inverse."""
+    rng = np.random.default_rng(1)
+    u, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    v, _ = np.linalg.qr(rng.standard_normal((12, 8)))
+    jac = (u * np.array([1, 0.5, 0.3, 0.2, 0.1, 0.05, 0.01, 1e-6])) @ v.T  # M = 8 < K = 12
+    y = rng.standard_normal(8)
+    problem = om.Problem(linear, jnp.asarray(jac), jnp.asarray(y)[:, None])
+    expected = np.linalg.pinv(jac, rcond=1e-4) @ (-y / 8)
+    for solver in ("cholesky", "eigh", "qr", "svd"):
+        delta, result, _ = om.output_metric_gradient(problem, jnp.zeros(12), solver=solver,
+                                                      rtol=1e-4)
+        assert int(result.rank) == 7, solver
+        np.testing.assert_allclose(np.asarray(delta), expected, rtol=1e-6, atol=1e-9,
+                                   err_msg=solver)
+
+
+# ------------------------------------------------ item 5: huge targets, an overflowing Gram
+
+
+def test_targets_dwarfing_the_model_end_with_a_warning_not_a_silent_convergence():
+    problem, params = make_problem("residual_net")
+    huge = om.Problem(problem.apply_fn, problem.inputs, 1e18 * problem.targets)
+    with pytest.warns(RuntimeWarning, match=r"did not decrease .* targets are .* times the "
+                                            r"model's outputs"):
+        result = om.fit(huge, params, max_steps=20, progress=False)
+    assert not result.converged
+    assert result.status == om.RESULTS.stalled
+    assert result.costs[-1] == result.costs[0]
+
+
+def _sensitive(problem, gain):
+    """The same model with parameters scaled by 1/gain: same outputs, D = gain·D."""
+    def apply(params, u):
+        return problem.apply_fn(jax.tree_util.tree_map(lambda a: gain * a, params), u)
+    return apply
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["full-batch", "mini-batch"])
+def test_a_jacobian_whose_gram_overflows_is_a_named_error(batched):
+    problem, params = make_problem("tanh_mlp", n=4, q=2, width=4, depth=1)
+    sensitive = om.Problem(_sensitive(problem, 1e160), problem.inputs, problem.targets)
+    small = jax.tree_util.tree_map(lambda a: 1e-160 * a, params)
+    batches = [(problem.inputs, problem.targets)] * 3 if batched else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no spurious rank-loss warning
+        with pytest.raises(om.NonFiniteError, match=r"finite but its squares overflow float64"
+                                                    r".*Rescale the parameters") as info:
+            om.fit(sensitive, small, max_steps=5, batches=batches, progress=False)
+    assert info.value.result.status == om.RESULTS.overflow
+    np.testing.assert_array_equal(jax.flatten_util.ravel_pytree(info.value.result.params)[0],
+                                  jax.flatten_util.ravel_pytree(small)[0])
+
+
+def test_a_cost_that_overflows_from_finite_outputs_is_not_blamed_on_the_model():
+    inputs = jnp.eye(3)
+    problem = om.Problem(linear, inputs, jnp.ones((3, 1)))
+    with pytest.raises(om.NonFiniteError, match=r"outputs stayed finite: the l2 cost overflows "
+                                                r"float64") as info:
+        om.fit(problem, jnp.zeros(3), optax.sgd(1e160), max_steps=5, progress=False)
+    assert "the model or the optimizer produced" not in str(info.value)
+    assert np.isfinite(info.value.result.costs).all()
+    with pytest.raises(ValueError, match=r"outputs are finite .* the l2 cost overflows"):
+        om.fit(problem, jnp.full(3, 1e160), max_steps=5, progress=False)
