@@ -3,6 +3,7 @@ mini-batch, that never returns non-finite parameters as a success and can checkp
 
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 import warnings
@@ -36,6 +37,7 @@ from ._transform import (
     ScaleByOutputMetricState,
     output_metric_descent,
 )
+from ._validation import check_problem
 
 __all__ = ["FitResult", "NonFiniteError", "fit"]
 
@@ -293,8 +295,7 @@ def fit(
     `.result` holds the last parameters with a finite cost and their optimizer state, so nothing
     is lost; wrap the optimizer in `optax.apply_if_finite` to skip non-finite updates instead.
     """
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    check_problem(problem)
     check_params(params)
     if optimizer is None:
         optimizer = _default_optimizer()
@@ -614,6 +615,11 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
     failure = None
     last_cost = None
     iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("batches is empty: it yielded no (inputs, targets) pair, so there is "
+                         "nothing to train on (a generator that was already consumed?)")
+    iterator = itertools.chain([first], iterator)
     bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="batch")
     try:
         for _ in range(snap.step):  # a resumed run skips the batches already trained on

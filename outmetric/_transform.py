@@ -46,6 +46,7 @@ from ._solve import (
     smallest_singular_value,
     solve,
 )
+from ._validation import check_flag, check_nonnegative, check_problem, check_rtol, check_scalar
 
 
 #: Update functions that ignore their `grads` argument; `fit` skips the backward pass for them.
@@ -59,27 +60,19 @@ def _require_problem(name: str, extra_args: dict) -> Problem:
             f"{name}.update needs the current batch as an extra argument: "
             "opt.update(grads, state, params, problem=problem)"
         )
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    check_problem(problem)
     return problem
 
 
-def _check_nonnegative(name: str, value) -> None:
-    # Numbers may arrive as arrays (optax.inject_hyperparams injects every numeric argument).
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "dtype")):
-        raise TypeError(f"{name} must be a number >= 0, got {value!r}")
-    number = static_real(value)
-    if number is not None and not 0 <= number < float("inf"):
-        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+_check_nonnegative = check_nonnegative
 
 
 def _check_solve_options(rtol, cg_tol, cg_max_steps) -> None:
     """Static checks of the options passed through to the solve; arrays pass unchecked."""
-    for name, value, upper in (("rtol", rtol, 1.0), ("cg_tol", cg_tol, float("inf"))):
-        if value is None or hasattr(value, "dtype"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < upper:
-            raise ValueError(f"{name} must be a number in (0, {upper:g}) or None, got {value!r}")
+    check_rtol(rtol)
+    if cg_tol is not None and not hasattr(cg_tol, "dtype") and (
+            isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not 0 < cg_tol):
+        raise ValueError(f"cg_tol must be a positive number or None, got {cg_tol!r}")
     if cg_max_steps is not None and not hasattr(cg_max_steps, "dtype") and (
         isinstance(cg_max_steps, bool) or not isinstance(cg_max_steps, int) or cg_max_steps < 1
     ):
@@ -214,9 +207,7 @@ def scale_by_output_metric(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+_check_flag = check_flag
 
 
 def _spectrum_report(lin, result: SolveResult, track: bool, rtol) -> tuple[Array, Array]:
@@ -431,6 +422,8 @@ def output_metric_descent(
     if not (callable(learning_rate) or isinstance(learning_rate, (int, float))
             or hasattr(learning_rate, "dtype")):
         raise TypeError(f"learning_rate must be a number or an optax schedule, got {learning_rate!r}")
+    if not callable(learning_rate):
+        check_scalar("learning_rate", learning_rate)
     if linesearch not in ("backtracking", None):
         raise ValueError(f"linesearch must be 'backtracking' or None, got {linesearch!r}")
     if scaling not in SCALINGS:
@@ -480,11 +473,13 @@ def output_metric_descent(
                                  memory_budget, many_dampings=adaptive)
         dtype = lin.flat_params.dtype
         eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        if callable(learning_rate):
+            _check_schedule_value(eta)
         eta = jnp.asarray(eta, dtype)
         if not isinstance(learning_rate, (int, float)):  # a schedule or an injected array
-            eta = eqx.error_if(eta, ~((eta >= 0) & (eta <= 1)),
+            eta = eqx.error_if(eta, ~((eta > 0) & (eta <= 1)),
                                "output_metric_descent: the learning_rate (schedule) gave a value "
-                               "outside [0, 1]")
+                               "outside (0, 1]")
         # In the parameters' dtype: float32 params on float64 data compute in float64 but keep a
         # float32 state.
         residual = _residual_vector(problem, lin.outputs).astype(dtype)
@@ -626,6 +621,18 @@ class _KrylovFactor:
 
     def step(self, lam):
         return normal_equations_cg(*self._args, lam, **self._options)
+
+
+def _check_schedule_value(value) -> None:
+    if isinstance(value, (bool, np.bool_)) or not (isinstance(value, (int, float))
+                                                   or hasattr(value, "dtype")):
+        raise TypeError(f"output_metric_descent: the learning_rate schedule returned "
+                        f"{value!r}; it must return a number in (0, 1]")
+    check_scalar("the learning_rate schedule's value", value)
+    number = static_real(value)
+    if number is not None and not 0 < number <= 1:
+        raise ValueError(f"output_metric_descent: the learning_rate schedule returned {value}; "
+                         "it must return a number in (0, 1]")
 
 
 def _rtol(rtol, shape, dtype):
