@@ -29,6 +29,7 @@ from ._checkpoint import (
     save_checkpoint,
 )
 from ._errors import NonFiniteError
+from ._masking import discards_upstream
 from ._problem import Problem, check_params, nonfinite_cost_message, static_real
 from ._results import RESULTS
 from ._transform import (
@@ -101,6 +102,26 @@ def _uses_gradient(optimizer) -> bool:
         return True
 
 
+def _discards(update) -> bool:
+    try:
+        return update in GRADIENT_FREE
+    except TypeError:  # an unhashable callable
+        return False
+
+
+def _warn_discarded_upstream(optimizer) -> None:
+    """A warning when transformations run before output-metric descent in a chain: it computes
+    its step from the problem and discards the updates it receives, so their work is lost."""
+    if discards_upstream(optimizer, _discards):
+        warnings.warn(
+            "fit: the optimizer chains transformations before output_metric_descent (or "
+            "scale_by_output_metric), e.g. optax.chain(optax.clip_by_global_norm(1.0), "
+            "output_metric_descent()); it computes its step from the problem and discards the "
+            "updates it receives, so those transformations have no effect. Put them after it "
+            "(optax.chain(output_metric_descent(), optax.clip_by_global_norm(1.0)) clips the "
+            "output-metric step)", UserWarning, stacklevel=3)
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -150,7 +171,8 @@ def _step(optimizer, problem, params, state, use_grad):
     else:
         cost = problem.cost(params)
         grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-    updates, new_state = optimizer.update(grads, state, params, problem=problem)
+    updates, new_state = optimizer.update(grads, state, params, problem=problem,
+                                          full_params=params)
     new_params = optax.apply_updates(params, updates)
     return cost, new_params, new_state, _all_finite(new_params)
 
@@ -319,6 +341,7 @@ def fit(
     checkpoint = _checkpoint_path(checkpoint_dir, checkpoint_every, resume)
     max_steps = int(max_steps)
     use_grad = _uses_gradient(optimizer)
+    _warn_discarded_upstream(optimizer)
     optimizer = optax.with_extra_args_support(optimizer)
     if batches is None:  # (the mini-batch form checks each batch's cost as it comes)
         cost0 = float(_cost(problem, params))  # also checks apply_fn's output shape early

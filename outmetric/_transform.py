@@ -26,6 +26,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from ._gram import GRAM_METHODS
+from ._masking import unmasked_problem
 from ._problem import Problem, check_chunk_size, check_params, static_real
 from ._results import RESULTS
 from ._search import backtracking, gradient_test, levenberg_marquardt, trust_region
@@ -191,6 +192,7 @@ def scale_by_output_metric(
         if params is None:
             raise ValueError("scale_by_output_metric.update needs params")
         problem = _require_problem("scale_by_output_metric", extra_args)
+        problem = unmasked_problem(problem, params, extra_args, "scale_by_output_metric")
         lin, method = _linearize(problem, params, damping, solver, chunk_size, gram,
                                  memory_budget)
         result = solve(lin, _residual_vector(problem, lin.outputs), damping=damping,
@@ -464,6 +466,7 @@ def output_metric_descent(
         if params is None:
             raise ValueError("output_metric_descent.update needs params")
         problem = _require_problem("output_metric_descent", extra_args)
+        problem = unmasked_problem(problem, params, extra_args, "output_metric_descent")
         num_rows = problem.num_samples * problem.output_dim
         flat0 = jax.flatten_util.ravel_pytree(params)[0]
         wide = num_rows <= flat0.shape[0]

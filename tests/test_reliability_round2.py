@@ -5,6 +5,7 @@ through optax.masked and multi_transform, and composition with upstream transfor
 import warnings
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -124,3 +125,62 @@ def test_a_cost_that_overflows_from_finite_outputs_is_not_blamed_on_the_model():
     assert np.isfinite(info.value.result.costs).all()
     with pytest.raises(ValueError, match=r"outputs are finite .* the l2 cost overflows"):
         om.fit(problem, jnp.full(3, 1e160), max_steps=5, progress=False)
+
+
+# ------------------------------------------------- optax: frozen leaves, upstream transforms
+
+
+def two_block_problem():
+    """x = U a + V b: D = [U V], so the step over `a` alone is −U⁺(x − y) by hand."""
+    rng = np.random.default_rng(0)
+    u, v, y = rng.standard_normal((10, 3)), rng.standard_normal((10, 2)), rng.standard_normal(10)
+
+    def model(params, inputs):
+        a, b = inputs
+        return a @ params["a"] + b @ params["b"]
+
+    problem = om.Problem(model, (jnp.asarray(u), jnp.asarray(v)), jnp.asarray(y))
+    params = {"a": jnp.asarray(rng.standard_normal(3)), "b": jnp.asarray(rng.standard_normal(2))}
+    return problem, params, u, v, y
+
+
+@pytest.mark.parametrize("make", [
+    lambda: om.output_metric_descent(damping=0.0, linesearch=None, solver="svd"),
+    lambda: optax.chain(om.scale_by_output_metric(), optax.scale(-1.0)),
+], ids=["output_metric_descent", "scale_by_output_metric"])
+def test_optax_masked_solves_over_the_trained_leaves_only(make):
+    problem, params, u, v, y = two_block_problem()
+    opt = optax.masked(make(), {"a": True, "b": False})
+    state = opt.init(params)
+    grads = jax.grad(problem.cost)(params)
+    updates, _ = opt.update(grads, state, params, problem=problem, full_params=params)
+    residual = u @ np.asarray(params["a"]) + v @ np.asarray(params["b"]) - y
+    np.testing.assert_allclose(updates["a"], -np.linalg.pinv(u) @ residual, rtol=1e-10)
+    np.testing.assert_array_equal(updates["b"], grads["b"])  # optax.masked passes them through
+    with pytest.raises(ValueError, match=r"frozen leaves \(optax.MaskedNode.*full_params=params"):
+        opt.update(grads, state, params, problem=problem)
+
+
+def test_multi_transform_freezes_a_layer_in_fit():
+    problem, params, u, v, y = two_block_problem()
+    opt = optax.multi_transform({"train": om.output_metric_descent(),
+                                 "freeze": optax.set_to_zero()}, {"a": "train", "b": "freeze"})
+    result = om.fit(problem, params, opt, max_steps=20, progress=False)
+    assert result.converged
+    np.testing.assert_array_equal(result.params["b"], params["b"])
+    best, *_ = np.linalg.lstsq(u, y - v @ np.asarray(params["b"]), rcond=None)
+    np.testing.assert_allclose(result.params["a"], best, rtol=1e-8)
+
+
+def test_transformations_chained_before_the_descent_are_reported():
+    problem, params, *_ = two_block_problem()
+    before = optax.chain(optax.clip_by_global_norm(1.0), om.output_metric_descent())
+    with pytest.warns(UserWarning, match=r"chains transformations before output_metric_descent"
+                                         r".*discards the updates it receives"):
+        om.fit(problem, params, before, max_steps=2, progress=False)
+    after = optax.chain(om.output_metric_descent(), optax.clip_by_global_norm(1e-3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = om.fit(problem, params, after, max_steps=1, progress=False)
+    step = jax.flatten_util.ravel_pytree(result.params)[0] - jax.flatten_util.ravel_pytree(params)[0]
+    assert float(jnp.linalg.norm(step)) <= 1e-3 * (1 + 1e-9)  # the clip acts on the step
