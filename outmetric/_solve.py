@@ -47,7 +47,8 @@ Methods (the `solver` argument):
   side $[g; 0]$ when damped: the minimum-norm least-squares solution, so $D^+g$ even under
   rank loss, with κ(D) rather than κ(D)² governing convergence. One JVP and one VJP per
   iteration; memory O(K + M).
-- `"auto"`: see `plan_solve` (the optimizer asks for a spectral factorization on the tall side). From M, K, the dtype and the free memory (`memory_budget`):
+- `"auto"`: see `plan_solve` (the optimizer asks for a spectral factorization on the tall side). From M, K, the dtype and the device's memory (`memory_budget`; the total, so the pick is
+  deterministic and a resumed run makes the same one):
   while D fits, `"qr"` for an undamped solve (damping given as the Python number 0) and
   `"cholesky"` otherwise (with the structured Gram when the model has dense layers and the
   wide side is solved); when only the Gram fits, `"cholesky"` on a structured or chunked Gram;
@@ -111,10 +112,10 @@ PRECONDITIONERS = (None, "jacobi", "nystrom")
 #: optimizer) on the tall side (K < QN) up to this many parameters: one SVD then serves every λ.
 SPECTRAL_MAX_PARAMS = 2048
 
-#: A fixed memory budget in bytes for "auto"; None measures the free memory (`memory_budget`).
+#: A fixed memory budget in bytes for "auto"; None reads the device's memory (`memory_budget`).
 DENSE_BUDGET_BYTES: int | None = None
 
-#: The fraction of the free device (or host) memory that "auto" plans to fill.
+#: The fraction of the device (or host) memory that "auto" plans to fill.
 MEMORY_FRACTION = 0.5
 
 #: "auto" chunks the Gram only while it takes at most this many chunks (else matrix-free).
@@ -193,41 +194,45 @@ def check_solver_name(solver) -> None:
         raise ValueError(f"solver={solver!r} is not a known solver; choose one of {list(SOLVERS)}")
 
 
-def _host_available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages, else 4 GiB."""
+def _host_total_bytes() -> int:
+    """MemTotal from /proc/meminfo (Linux), else the physical pages, else 8 GiB."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith("MemTotal:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 4 * 1024**3
+        return 8 * 1024**3
 
 
 def memory_budget(device=None) -> int:
     """The bytes that `solver="auto"` plans to fill on `device` (default: the first local device).
 
-    `DENSE_BUDGET_BYTES` when set; else `MEMORY_FRACTION` of the free memory: on an accelerator
-    ``bytes_limit - bytes_in_use`` from ``device.memory_stats()``, on CPU the host's available
-    memory. The budget is read when a step is traced, so a compiled step keeps its plan.
+    `DENSE_BUDGET_BYTES` when set; else `MEMORY_FRACTION` of the device's memory: on an
+    accelerator ``bytes_limit`` from ``device.memory_stats()``, on CPU the host's physical
+    memory. Deliberately the total, not what is free right now: the plan, and so the solver
+    "auto" picks, is then a function of the shapes, the dtype and the machine only, and a run
+    resumed from a checkpoint (or a step retraced later) makes the same choice — what a
+    bit-identical resume needs. Pass `memory_budget=` (or set `DENSE_BUDGET_BYTES`) when other
+    work shares the memory.
     """
     if DENSE_BUDGET_BYTES is not None:
         return int(DENSE_BUDGET_BYTES)
     device = jax.local_devices()[0] if device is None else device
-    free = None
+    total = None
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - backends without memory statistics
         stats = None
     if stats and "bytes_limit" in stats:
-        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    if free is None:
-        free = _host_available_bytes()
-    return int(MEMORY_FRACTION * free)
+        total = int(stats["bytes_limit"])
+    if total is None:
+        total = _host_total_bytes()
+    return int(MEMORY_FRACTION * total)
 
 
 class SolvePlan(NamedTuple):
@@ -313,7 +318,7 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
     r"""Decide how to compute $D^+g$ (damped: $D^\top(DD^\top+\lambda I)^{-1}g$) for `problem` at `params`.
 
     With $M = QN$ rows, K parameters, $n = \min(M, K)$, b bytes per number and a budget B
-    (`memory_budget`, default `MEMORY_FRACTION` of the free memory), `solver="auto"` picks, in
+    (`memory_budget`, default `MEMORY_FRACTION` of the device's memory), `solver="auto"` picks, in
     order:
 
     1. undamped (`damping` the Python number 0) and $3MKb \le B$: `"qr"` on the dense D;

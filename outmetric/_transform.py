@@ -158,7 +158,7 @@ def scale_by_output_metric(
     - `damping`: fixed λ ≥ 0.
     - `solver`: `"auto"`, `"cholesky"`, `"qr"`, `"svd"`, `"cg"` or `"lsmr"`
       (`outmetric._solve`); the solve works on the smaller side (QN×QN or K×K). `"auto"`
-      decides from the sizes and free memory (`outmetric.plan_solve`) and `state.solver` says
+      decides from the sizes, dtype and device memory (`outmetric.plan_solve`) and `state.solver` says
       what it picked.
     - `rtol`, `cg_tol`, `cg_max_steps`: passed to the solve (the last two to CG and LSMR).
     - `chunk_size`: compute per-sample Jacobians (and the Cholesky Gram, without holding D)
@@ -166,7 +166,7 @@ def scale_by_output_metric(
     - `gram`: where the Cholesky Gram comes from: `"auto"` (the dense-layer structure when the
       model has dense layers and the wide side is solved), `"structured"` or `"jacobian"`.
     - `preconditioner`, `preconditioner_rank`: for CG: None, `"jacobi"` or `"nystrom"`.
-    - `memory_budget`: bytes that `"auto"` may plan for (default: half the free memory).
+    - `memory_budget`: bytes that `"auto"` may plan for (default: half the device's memory).
     - `track_min_singular_value`: also record σ_min(D) in the state each update, so rank loss
       shows before it happens, and take `state.rank` from the same eigenvalues
       (`outmetric._solve.smallest_singular_value`: an `eigvalsh` of the Gram, dense solves

@@ -184,3 +184,38 @@ def test_transformations_chained_before_the_descent_are_reported():
         result = om.fit(problem, params, after, max_steps=1, progress=False)
     step = jax.flatten_util.ravel_pytree(result.params)[0] - jax.flatten_util.ravel_pytree(params)[0]
     assert float(jnp.linalg.norm(step)) <= 1e-3 * (1 + 1e-9)  # the clip acts on the step
+
+
+# ---------------------------------------- item 8: the parameters' precision, a stable "auto"
+
+
+@pytest.mark.parametrize("method, gram", [("qr", "jacobian"), ("cholesky", "jacobian"),
+                                          ("cholesky", "structured"), ("svd", "jacobian"),
+                                          ("eigh", "jacobian")])
+def test_float32_params_on_float64_data_build_jacobian_and_gram_in_float32(method, gram):
+    from outmetric._solve import linearize
+
+    problem, params = make_problem("tanh_mlp", n=8, q=2, width=8, depth=1)
+    assert problem.inputs.dtype == problem.targets.dtype == jnp.float64
+    params32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    lin = linearize(problem, params32, method=method, gram=gram)
+    assert lin.outputs.dtype == jnp.float32
+    for matrix in (lin.jacobian, lin.gram):
+        assert matrix is None or matrix.dtype == jnp.float32
+    # Nothing but the conversion of the data computes in float64.
+    def matrices(p):
+        lin = linearize(problem, p, method=method, gram=gram)
+        return tuple(m for m in (lin.outputs, lin.jacobian, lin.gram) if m is not None)
+
+    jaxpr = str(jax.make_jaxpr(matrices)(params32))
+    assert jaxpr.count("f64[") <= 1, jaxpr.count("f64[")
+
+
+def test_auto_plans_from_the_device_memory_not_what_is_free_now():
+    """The budget (and so the solver "auto" picks) does not move when memory is taken, so a
+    resumed run compiles the same plan."""
+    before = om.memory_budget()
+    ballast = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    ballast[::512] = 2.0
+    assert om.memory_budget() == before
+    del ballast
