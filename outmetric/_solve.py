@@ -823,8 +823,18 @@ def _cg(lin: Linearization, rhs, lam, tol, max_steps, preconditioner=None,
     residual = vector - operator.mv(sol.value)
     finite = jnp.all(jnp.isfinite(delta)) & jnp.all(jnp.isfinite(residual))
     delta = jnp.where(finite, delta, 0.0)
-    return SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite,
-                       jnp.asarray(sol.stats["num_steps"], jnp.int32), finite)
+    result = SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite,
+                         jnp.asarray(sol.stats["num_steps"], jnp.int32), finite)
+    # lineax's CG breaks down (0/0) on a Gram of low numerical rank under tiny damping in float32;
+    # then the safeguarded CG of the normal equations (the same vector) answers, finite unless the
+    # data are not.
+    steps = 10 * min(num_rows, num_params) + 10 if max_steps is None else max_steps
+
+    def safeguarded(_):
+        return normal_equations_cg(lin, rhs, lam, initial=jnp.zeros_like(lin.flat_params),
+                                   forcing=tol, max_steps=steps).solve
+
+    return jax.lax.cond(finite, lambda _: result, safeguarded, None)
 
 
 def _dense_diagonal(lin: Linearization, wide: bool):
