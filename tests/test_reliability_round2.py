@@ -219,3 +219,33 @@ def test_auto_plans_from_the_device_memory_not_what_is_free_now():
     ballast[::512] = 2.0
     assert om.memory_budget() == before
     del ballast
+
+
+# ---------------------------------------------------------------- one validation, one API
+
+
+def test_the_public_api_is_declared_once():
+    import ast
+    import os
+
+    source = open(os.path.join(os.path.dirname(om.__file__), "__init__.py")).read()
+    exported = [alias.asname for node in ast.parse(source).body
+                if isinstance(node, ast.ImportFrom) and node.level == 1
+                for alias in node.names]
+    assert sorted(om.__all__) == sorted(exported + ["__version__"])
+    assert len(set(om.__all__)) == len(om.__all__)
+    assert {n for n in dir(om) if not n.startswith("_")} <= set(om.__all__)
+
+
+def test_argument_checks_live_in_one_module():
+    """No module but `_validation` defines the Problem check or an rtol check of its own."""
+    import os
+    import re
+
+    folder = os.path.dirname(om.__file__)
+    for name in os.listdir(folder):
+        if not name.endswith(".py") or name == "_validation.py":
+            continue
+        source = open(os.path.join(folder, name)).read()
+        assert "isinstance(problem, Problem)" not in source, name
+        assert not re.search(r"def _check_rtol\b", source), name
