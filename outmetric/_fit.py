@@ -24,6 +24,7 @@ from ._checkpoint import (
     CheckpointLock,
     check_fingerprint,
     check_overwritable,
+    check_writable,
     load_checkpoint,
     model_fingerprint,
     save_checkpoint,
@@ -375,6 +376,8 @@ def fit(
         chunk = int(chunk_size or (10 if interactive else 100))
         every = int(checkpoint_every or chunk) if checkpoint is not None else None
         run = _fit_batches if batches is not None else _fit_full
+        if checkpoint is not None:  # a folder that cannot take the checkpoint fails now
+            check_writable(checkpoint, start.params, start.state, max_steps, extra=fingerprint)
         checkpoint = None if checkpoint is None else (checkpoint, fingerprint)
         return run(problem, optimizer, start, eps, max_steps, callback, progress, chunk, batches,
                    use_grad, checkpoint, every)
@@ -443,6 +446,17 @@ def _save_unless_saved(checkpoint, snap: _Progress, saved_at: int) -> None:
     """The final checkpoint of a run, unless the last one written already holds `snap`."""
     if checkpoint is not None and (snap.step != saved_at or snap.step == 0):
         _save(checkpoint, snap)
+
+
+def _final_save(checkpoint, snap: _Progress, saved_at: int, result: FitResult) -> None:
+    """The run's last checkpoint; if it cannot be written the error still hands back the run."""
+    try:
+        _save_unless_saved(checkpoint, snap, saved_at)
+    except OSError as err:
+        raise CheckpointError(
+            f"fit: the run ended ({result.status.name}, step {result.num_steps}) but its final "
+            f"checkpoint could not be written to {checkpoint[0]!r} ({err.strerror or err}); "
+            "error.result holds the trained result", result) from err
 
 
 def _warn_rank_loss(problem: Problem, result: FitResult) -> None:
@@ -572,7 +586,6 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
         raise
     finally:
         bar.close()
-    _save_unless_saved(checkpoint, snap, saved_at)
     if final_cost is None:
         final_cost = float(_cost(problem, snap.params))
     overflow = status == RESULTS.overflow and not done
@@ -590,6 +603,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     result = FitResult(snap.params, snap.state, history, snap.step, status.converged,
                        snap.fallback_steps, snap.min_rank, resumed_from,
                        np.asarray(snap.sigmas, float), status)
+    _final_save(checkpoint, snap, saved_at, result)
     if not overflow:  # (an overflowing Gram is not a rank loss)
         _warn_rank_loss(problem, result)
         result = _no_progress(problem, result, eps)
@@ -702,7 +716,6 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
         raise
     finally:
         bar.close()
-    _save_unless_saved(checkpoint, snap, saved_at)
     costs = snap.costs + ((last_cost,) if converged else ())
     # Each batch is other data: the optimizer's per-update tests (ftol, xtol, stall) do not end
     # a mini-batch run; eps, the budget, the callback and the data do.
@@ -719,6 +732,7 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
     result = FitResult(snap.params, snap.state, np.asarray(costs), snap.step, converged,
                        snap.fallback_steps, snap.min_rank, resumed_from,
                        np.asarray(snap.sigmas, float), status)
+    _final_save(checkpoint, snap, saved_at, result)
     _warn_rank_loss(problem, result)
     if failure is not None:
         if failure.startswith("fit: "):  # a complete message (the Gram overflowed)

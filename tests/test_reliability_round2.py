@@ -249,3 +249,61 @@ def test_argument_checks_live_in_one_module():
         source = open(os.path.join(folder, name)).read()
         assert "isinstance(problem, Problem)" not in source, name
         assert not re.search(r"def _check_rtol\b", source), name
+
+
+# ------------------------------------------- item 2: a folder that cannot take the checkpoint
+
+_FILE_SIZE_LIMIT = """
+import resource, sys, time
+sys.path.insert(0, {tests!r})
+import jax
+jax.config.update("jax_enable_x64", True)
+import optax
+import outmetric as om
+from helpers import make_problem
+problem, params = make_problem("tanh_mlp", n=4, q=2, width=4, depth=1)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+calls = []
+start = time.time()
+try:
+    om.fit(problem, params, optax.sgd(1e-3), max_steps=50, progress=False,
+           checkpoint_dir={folder!r}, callback=lambda *a: calls.append(1))
+except om.CheckpointError as err:
+    print("REFUSED", len(calls), err)
+else:
+    print("RAN", len(calls))
+"""
+
+
+def test_a_checkpoint_folder_that_cannot_take_the_checkpoint_is_refused_before_training(
+        tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ckpt"
+    script = _FILE_SIZE_LIMIT.format(tests=os.path.dirname(__file__), folder=str(folder))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600)
+    assert out.stdout.startswith("REFUSED 0 "), out.stdout + out.stderr
+    assert "cannot hold the checkpoint" in out.stdout and "nothing was run" in out.stdout
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+def test_a_final_checkpoint_that_cannot_be_written_still_hands_back_the_run(tmp_path,
+                                                                              monkeypatch):
+    import errno
+
+    from outmetric import _fit
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_fit, "save_checkpoint", disk_full)
+    problem, params = make_problem("tanh_mlp", n=4, q=2, width=4, depth=1)
+    with pytest.raises(om.CheckpointError, match=r"final checkpoint could not be written .*No "
+                                                 r"space left.*error.result") as info:
+        om.fit(problem, params, optax.sgd(1e-3), max_steps=5, progress=False,
+               checkpoint_dir=tmp_path, checkpoint_every=1000)
+    result = info.value.result
+    assert result.num_steps == 5 and result.status == om.RESULTS.max_steps_reached
