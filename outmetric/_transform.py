@@ -73,7 +73,7 @@ def _check_solve_options(rtol, cg_tol, cg_max_steps) -> None:
     check_rtol(rtol)
     if cg_tol is not None and not hasattr(cg_tol, "dtype") and (
             isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not 0 < cg_tol):
-        raise ValueError(f"cg_tol must be a positive number or None, got {cg_tol!r}")
+        raise ValueError(f"cg_tol must be a number in (0, inf) or None, got {cg_tol!r}")
     if cg_max_steps is not None and not hasattr(cg_max_steps, "dtype") and (
         isinstance(cg_max_steps, bool) or not isinstance(cg_max_steps, int) or cg_max_steps < 1
     ):
