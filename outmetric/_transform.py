@@ -158,8 +158,8 @@ def scale_by_output_metric(
     - `damping`: fixed λ ≥ 0.
     - `solver`: `"auto"`, `"cholesky"`, `"qr"`, `"svd"`, `"cg"` or `"lsmr"`
       (`outmetric._solve`); the solve works on the smaller side (QN×QN or K×K). `"auto"`
-      decides from the sizes, dtype and device memory (`outmetric.plan_solve`) and `state.solver` says
-      what it picked.
+      decides from the sizes, dtype and device memory (`outmetric.plan_solve`) and
+      `state.solver` says what it picked.
     - `rtol`, `cg_tol`, `cg_max_steps`: passed to the solve (the last two to CG and LSMR).
     - `chunk_size`: compute per-sample Jacobians (and the Cholesky Gram, without holding D)
       this many samples at a time.
@@ -483,8 +483,8 @@ def output_metric_descent(
             eta = eqx.error_if(eta, ~((eta > 0) & (eta <= 1)),
                                "output_metric_descent: the learning_rate (schedule) gave a value "
                                "outside (0, 1]")
-        # In the parameters' dtype: float32 params on float64 data compute in float64 but keep a
-        # float32 state.
+        # In the parameters' dtype (float32 params on float64 data: the Problem casts the data,
+        # so outputs, D and the state are float32).
         residual = _residual_vector(problem, lin.outputs).astype(dtype)
         cost0 = problem.cost_from_outputs(lin.outputs).astype(dtype)
         ftol_ = _default_ftol(ftol, dtype)
