@@ -1,6 +1,6 @@
 """outmetric: gradient descent in the Euclidean metric of the output space, for JAX."""
 
-import importlib.metadata
+from importlib import metadata as _metadata
 
 from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import CheckpointError as CheckpointError
@@ -55,7 +55,64 @@ from ._transform import ScaleByOutputMetricState as ScaleByOutputMetricState
 from ._transform import output_metric_descent as output_metric_descent
 from ._transform import scale_by_output_metric as scale_by_output_metric
 
+#: The public API: every name above, and nothing else, is outmetric's to keep stable.
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointLock",
+    "load_checkpoint",
+    "save_checkpoint",
+    "Dataset",
+    "bundled_dataset_path",
+    "load_dataset",
+    "FitResult",
+    "NonFiniteError",
+    "fit",
+    "AbstractFlow",
+    "AdaptedFlow",
+    "HomotopyFlow",
+    "InterpolationFlow",
+    "StandardFlow",
+    "adapted_flow",
+    "homotopy_flow",
+    "interpolation_flow",
+    "standard_flow",
+    "Regime",
+    "critical_dimension",
+    "horizontal",
+    "is_equilibrium",
+    "jacobian_spectrum",
+    "numerical_rank",
+    "pullback_length",
+    "regime",
+    "vertical",
+    "GramStructure",
+    "gram_matrix",
+    "gram_structure",
+    "structured_gram",
+    "Trajectory",
+    "integrate",
+    "stopping_time",
+    "mlp",
+    "Problem",
+    "num_parameters",
+    "RESULTS",
+    "shard_samples",
+    "PRECONDITIONERS",
+    "SOLVERS",
+    "SolvePlan",
+    "SolveResult",
+    "memory_budget",
+    "output_metric_gradient",
+    "plan_solve",
+    "OutputMetricDescentState",
+    "ScaleByOutputMetricState",
+    "output_metric_descent",
+    "scale_by_output_metric",
+    "__version__",
+]
+
 try:
-    __version__ = importlib.metadata.version("outmetric")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = _metadata.version("outmetric")
+except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"

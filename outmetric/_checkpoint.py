@@ -44,7 +44,13 @@ _TREES = ("params", "opt_state")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, of another format, or does not match the run."""
+    """A checkpoint file is missing, unreadable, of another format, or does not match the run;
+    or the checkpoint folder cannot be written. `.result`, when not None, holds what the run
+    computed (a `FitResult` whose final checkpoint could not be written)."""
+
+    def __init__(self, message: str, result: Any = None):
+        super().__init__(message)
+        self.result = result
 
 
 class Checkpoint(NamedTuple):
@@ -217,6 +223,38 @@ def save_checkpoint(
         raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
     check_overwritable(path)
     clean_temporaries(path)
+    arrays = _checkpoint_arrays(params, opt_state, step, costs, extra)
+    _write_atomically(path, folder, arrays)
+    return path
+
+
+def check_writable(path: str | os.PathLike, params: PyTree, opt_state: PyTree, num_costs: int,
+                   *, extra: Mapping[str, Any] | None = None) -> None:
+    """Before a run: write (and remove) a file as large as the checkpoint of `num_costs` steps
+    next to `path`, so a folder that cannot take it (read-only, full, a file-size limit) is a
+    `CheckpointError` now rather than after all the training."""
+    path = _resolve(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    arrays = _checkpoint_arrays(params, opt_state, 0, np.zeros(num_costs), extra)
+    arrays["probe"] = np.zeros(num_costs)  # room for the per-step history saved beside costs
+    prefix = f".{os.path.basename(path)}.{_host_tag()}.{os.getpid()}."
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(tmp)
+    except OSError as err:
+        raise CheckpointError(
+            f"checkpoint folder {folder!r} cannot hold the checkpoint ({err.strerror or err}): "
+            "checked before training, nothing was run. Free space, lift the limit, or pass "
+            "another checkpoint_dir") from err
+
+
+def _checkpoint_arrays(params, opt_state, step, costs, extra) -> dict[str, np.ndarray]:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
     arrays: dict[str, np.ndarray] = {
@@ -239,7 +277,10 @@ def save_checkpoint(
         if not isinstance(key, str) or not key.isidentifier():
             raise ValueError(f"extra keys must be identifiers, got {key!r}")
         arrays[f"extra_{key}"] = np.asarray(value)
+    return arrays
 
+
+def _write_atomically(path: str, folder: str, arrays: dict[str, np.ndarray]) -> None:
     prefix = f".{os.path.basename(path)}.{_host_tag()}.{os.getpid()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
@@ -255,7 +296,6 @@ def save_checkpoint(
             pass
         raise
     _fsync_folder(folder)
-    return path
 
 
 def _fsync_folder(folder: str) -> None:

@@ -4,6 +4,7 @@ mini-batch, that never returns non-finite parameters as a success and can checkp
 import contextlib
 import functools
 import hashlib
+import itertools
 import math
 import os
 import warnings
@@ -24,12 +25,14 @@ from ._checkpoint import (
     CheckpointLock,
     check_fingerprint,
     check_overwritable,
+    check_writable,
     load_checkpoint,
     model_fingerprint,
     save_checkpoint,
 )
 from ._errors import NonFiniteError
-from ._problem import Problem, check_params, static_real
+from ._masking import discards_upstream
+from ._problem import Problem, check_params, nonfinite_cost_message, static_real
 from ._results import RESULTS
 from ._transform import (
     GRADIENT_FREE,
@@ -37,6 +40,7 @@ from ._transform import (
     ScaleByOutputMetricState,
     output_metric_descent,
 )
+from ._validation import check_problem
 
 __all__ = ["FitResult", "NonFiniteError", "fit"]
 
@@ -100,6 +104,26 @@ def _uses_gradient(optimizer) -> bool:
         return True
 
 
+def _discards(update) -> bool:
+    try:
+        return update in GRADIENT_FREE
+    except TypeError:  # an unhashable callable
+        return False
+
+
+def _warn_discarded_upstream(optimizer) -> None:
+    """A warning when transformations run before output-metric descent in a chain: it computes
+    its step from the problem and discards the updates it receives, so their work is lost."""
+    if discards_upstream(optimizer, _discards):
+        warnings.warn(
+            "fit: the optimizer chains transformations before output_metric_descent (or "
+            "scale_by_output_metric), e.g. optax.chain(optax.clip_by_global_norm(1.0), "
+            "output_metric_descent()); it computes its step from the problem and discards the "
+            "updates it receives, so those transformations have no effect. Put them after it "
+            "(optax.chain(output_metric_descent(), optax.clip_by_global_norm(1.0)) clips the "
+            "output-metric step)", UserWarning, stacklevel=3)
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -149,7 +173,8 @@ def _step(optimizer, problem, params, state, use_grad):
     else:
         cost = problem.cost(params)
         grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-    updates, new_state = optimizer.update(grads, state, params, problem=problem)
+    updates, new_state = optimizer.update(grads, state, params, problem=problem,
+                                          full_params=params)
     new_params = optax.apply_updates(params, updates)
     return cost, new_params, new_state, _all_finite(new_params)
 
@@ -193,11 +218,11 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
     running = jnp.asarray(RESULTS.running, jnp.int32)
 
     def cond(loop):
-        i, _, _, _, done, bad, _, _, status = loop
+        i, _, _, _, done, bad, _, _, status, _ = loop
         return (i < num) & ~done & ~bad & (status == running)
 
     def body(loop):
-        i, carry, costs, sigmas, _, _, _, _, _ = loop
+        i, carry, costs, sigmas, _, _, _, _, _, _ = loop
         params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
         cost, new_params, new_state, params_ok = _step(optimizer, problem, params, state,
                                                        use_grad)
@@ -208,6 +233,10 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
         solve_bad = cost_ok & ~done & ~solve_ok
         advance = cost_ok & params_ok & solve_ok & ~done
         rolled_back = ~cost_ok & has_prev
+        # A non-finite cost from finite outputs: the loss overflows the dtype, not the model.
+        cost_overflow = jax.lax.cond(
+            cost_ok, lambda: jnp.asarray(False),
+            lambda: jnp.all(jnp.isfinite(problem.outputs(params))))
         sigmas = sigmas.at[i].set(sigma.astype(dtype))
         carry = (
             _select(advance, new_params, _select(rolled_back, prev_params, params)),
@@ -218,12 +247,15 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
             fallbacks + (advance & fallback).astype(fallbacks.dtype),
             jnp.where(advance, _merge_rank(min_rank, rank), min_rank),
         )
-        status = jnp.where(done, RESULTS.eps_reached, jnp.where(advance, status, running))
+        # An overflowing Gram is reported whatever the solve did with it.
+        keep = advance | (status == RESULTS.overflow)
+        status = jnp.where(done, RESULTS.eps_reached, jnp.where(keep, status, running))
         return (i + advance.astype(i.dtype), carry, costs, sigmas, done, ~advance & ~done,
-                rolled_back, solve_bad, status.astype(jnp.int32))
+                rolled_back, solve_bad, status.astype(jnp.int32), cost_overflow)
 
     init = (jnp.asarray(0, jnp.int32), carry, costs, sigmas, jnp.asarray(False),
-            jnp.asarray(False), jnp.asarray(False), jnp.asarray(False), running)
+            jnp.asarray(False), jnp.asarray(False), jnp.asarray(False), running,
+            jnp.asarray(False))
     out = jax.lax.while_loop(cond, body, init)
     final_cost = problem.cost(out[1][0]).astype(dtype)
     return (*out, final_cost)
@@ -297,8 +329,7 @@ def fit(
     `.result` holds the last parameters with a finite cost and their optimizer state, so nothing
     is lost; wrap the optimizer in `optax.apply_if_finite` to skip non-finite updates instead.
     """
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    check_problem(problem)
     check_params(params)
     if optimizer is None:
         optimizer = _default_optimizer()
@@ -322,12 +353,12 @@ def fit(
     checkpoint = _checkpoint_path(checkpoint_dir, checkpoint_every, resume)
     max_steps = int(max_steps)
     use_grad = _uses_gradient(optimizer)
+    _warn_discarded_upstream(optimizer)
     optimizer = optax.with_extra_args_support(optimizer)
     if batches is None:  # (the mini-batch form checks each batch's cost as it comes)
         cost0 = float(_cost(problem, params))  # also checks apply_fn's output shape early
         if not math.isfinite(cost0):
-            raise ValueError("params give a non-finite initial cost: the model returns NaN or "
-                             "inf at the initial params")
+            raise ValueError(f"fit: {nonfinite_cost_message(problem, params)}")
     state = _init(optimizer, params)
     start = _Progress(0, params, state, (), 0, -1, ())
     fingerprint = _data_fingerprint(problem, params, batches) if checkpoint is not None else None
@@ -356,6 +387,8 @@ def fit(
         chunk = int(chunk_size or (10 if interactive else 100))
         every = int(checkpoint_every or chunk) if checkpoint is not None else None
         run = _fit_batches if batches is not None else _fit_full
+        if checkpoint is not None:  # a folder that cannot take the checkpoint fails now
+            check_writable(checkpoint, start.params, start.state, max_steps, extra=fingerprint)
         checkpoint = None if checkpoint is None else (checkpoint, fingerprint)
         return run(problem, optimizer, start, eps, max_steps, callback, progress, chunk, batches,
                    use_grad, checkpoint, every)
@@ -426,6 +459,17 @@ def _save_unless_saved(checkpoint, snap: _Progress, saved_at: int) -> None:
         _save(checkpoint, snap)
 
 
+def _final_save(checkpoint, snap: _Progress, saved_at: int, result: FitResult) -> None:
+    """The run's last checkpoint; if it cannot be written the error still hands back the run."""
+    try:
+        _save_unless_saved(checkpoint, snap, saved_at)
+    except OSError as err:
+        raise CheckpointError(
+            f"fit: the run ended ({result.status.name}, step {result.num_steps}) but its final "
+            f"checkpoint could not be written to {checkpoint[0]!r} ({err.strerror or err}); "
+            "error.result holds the trained result", result) from err
+
+
 def _warn_rank_loss(problem: Problem, result: FitResult) -> None:
     """A `RuntimeWarning` when solves of this run fell back to the rank-revealing SVD."""
     if result.fallback_steps == 0:
@@ -461,8 +505,55 @@ def _progress_bar(progress: bool, total: int, initial: int, unit: str):
     return tqdm(total=total, initial=initial, desc="fit", unit=unit)
 
 
+def _overflow_message(problem: Problem, params: PyTree, step: int) -> str:
+    dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
+    return (f"fit: at step {step} the Jacobian D = dx/dθ is finite but its squares overflow "
+            f"{dtype} (the Gram matrix or the squared column norms of D are inf): the model "
+            "is too sensitive to its parameters for this precision, not broken. Rescale the "
+            "parameters and the model's use of them so that |dx/dθ| is moderate (below about "
+            f"{np.sqrt(np.finfo(dtype).max / max(problem.num_samples * problem.output_dim, 1)):.0e}"
+            "). error.result holds the last parameters and their optimizer state")
+
+
+def _no_progress(problem: Problem, result: FitResult, eps) -> FitResult:
+    """A run of updates that never lowered the cost (every trial step rejected) is not silent:
+    a `RuntimeWarning` when it did not converge, or when the targets dwarf the model's outputs
+    (then a convergence test that fired on rejected trials is no convergence: `stalled`)."""
+    costs = result.costs
+    if (result.num_steps == 0 or result.status in (RESULTS.eps_reached, RESULTS.gtol_reached,
+                                                   RESULTS.stopped_by_callback)
+            or not np.all(np.isfinite(costs)) or costs[-1] < costs[0] or costs[0] == 0
+            or (eps is not None and costs[-1] <= eps)):
+        return result
+    hint = ""
+    if problem.residual_fn is None:
+        outputs = np.abs(np.asarray(_outputs(problem, result.params)))
+        targets = np.abs(np.asarray(problem.targets, float))
+        ratio = np.max(targets) / max(np.max(outputs), np.finfo(float).tiny)
+        if ratio > 1e6:
+            hint = (f" The targets are {ratio:.1e} times the model's outputs (largest |target| "
+                    f"{np.max(targets):.3g}, largest |output| {np.max(outputs):.3g}): rescale "
+                    "the targets (or the model's output layer) to a comparable size.")
+    if result.status.converged and not hint:
+        return result  # (started at a minimum: nothing to improve)
+    if result.status.converged:
+        result = result._replace(status=RESULTS.stalled, converged=False)
+    warnings.warn(
+        f"fit: the cost did not decrease in {result.num_steps} step(s) (C = {costs[0]:.6g} "
+        f"throughout): every trial step was rejected; status {result.status.name!r}.{hint}",
+        RuntimeWarning, stacklevel=3)
+    return result
+
+
+@eqx.filter_jit
+def _outputs(problem, params):
+    return problem.outputs(params)
+
+
 def _finite_cost_message(what: str, step: int) -> str:
-    return (f"fit: {what} at step {step}: the model or the optimizer produced NaN or inf. "
+    blame = ("" if "overflows" in what else
+             ": the model or the optimizer produced NaN or inf")
+    return (f"fit: {what} at step {step}{blame}. "
             "error.result holds the last parameters with a finite cost and their optimizer "
             "state (wrap the optimizer in optax.apply_if_finite to skip non-finite updates)")
 
@@ -475,7 +566,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     # The params before the last step, to undo a step that leads to a non-finite cost.
     prev = (snap.params, snap.state, jnp.asarray(False))
     bar = _progress_bar(progress, max_steps, snap.step, "step")
-    done = bad = rolled_back = stopped = solve_bad = False
+    done = bad = rolled_back = stopped = solve_bad = cost_overflow = False
     final_cost = None
     # A run resumed from the checkpoint of a finished run has nothing left to do.
     status = (RESULTS(int(_solve_report(snap.state)[4])) if snap.step > 0
@@ -490,13 +581,13 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             carry = (snap.params, snap.state, *prev, np.int32(snap.fallback_steps),
                      np.int32(snap.min_rank))
             (taken, carry, costs, sigmas, done_c, bad_c, back_c, solve_bad_c, status_c,
-             final_c) = run_chunk(problem, carry, np.int32(num), eps_value)
+             cost_overflow_c, final_c) = run_chunk(problem, carry, np.int32(num), eps_value)
             # one transfer for all the host needs
-            taken, costs, sigmas, done, bad, rolled_back, solve_bad, status_c, final_cost = (
-                jax.device_get((taken, costs, sigmas, done_c, bad_c, back_c, solve_bad_c,
-                                status_c, final_c)))
+            (taken, costs, sigmas, done, bad, rolled_back, solve_bad, cost_overflow, status_c,
+             final_cost) = jax.device_get((taken, costs, sigmas, done_c, bad_c, back_c,
+                                           solve_bad_c, cost_overflow_c, status_c, final_c))
             taken, done, bad, rolled_back = int(taken), bool(done), bool(bad), bool(rolled_back)
-            solve_bad = bool(solve_bad)
+            solve_bad, cost_overflow = bool(solve_bad), bool(cost_overflow)
             status = RESULTS(int(status_c))
             final_cost = float(final_cost)
             history = snap.costs + tuple(costs[:taken].tolist())
@@ -505,6 +596,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             if not bad and not math.isfinite(final_cost) and bool(has_prev):
                 # The last step of the chunk led where the cost is not finite: undo it here,
                 # as the next chunk would have, so neither the result nor a checkpoint keeps it.
+                cost_overflow = bool(jnp.all(jnp.isfinite(_outputs(problem, params))))
                 params, state, has_prev = prev_params, prev_state, jnp.asarray(False)
                 bad = rolled_back = True
             if rolled_back:  # the last step (maybe of an earlier chunk) is undone: the cost
@@ -529,11 +621,13 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
         raise
     finally:
         bar.close()
-    _save_unless_saved(checkpoint, snap, saved_at)
     if final_cost is None:
         final_cost = float(_cost(problem, snap.params))
+    overflow = status == RESULTS.overflow and not done
     if done:
         status = RESULTS.eps_reached
+    elif overflow:
+        bad = True
     elif bad:
         status = RESULTS.nonfinite
     elif stopped and status == RESULTS.running:
@@ -544,10 +638,19 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     result = FitResult(snap.params, snap.state, history, snap.step, status.converged,
                        snap.fallback_steps, snap.min_rank, resumed_from,
                        np.asarray(snap.sigmas, float), status)
-    _warn_rank_loss(problem, result)
+    _final_save(checkpoint, snap, saved_at, result)
+    if not overflow:  # (an overflowing Gram is not a rank loss)
+        _warn_rank_loss(problem, result)
+        result = _no_progress(problem, result, eps)
     if bad:
+        if overflow:
+            raise NonFiniteError(_overflow_message(problem, snap.params, snap.step), result)
         if solve_bad:
             what = "the output-metric solve met NaN or inf in the Jacobian or the residual"
+        elif (rolled_back or not math.isfinite(final_cost)) and cost_overflow:
+            what = (f"the cost became non-finite while the model's outputs stayed finite: the "
+                    f"{problem.loss} cost overflows {jnp.dtype(dtype)} (rescale the targets and "
+                    "the model's outputs)")
         elif rolled_back or not math.isfinite(final_cost):
             what = "the cost became non-finite"
         else:
@@ -588,6 +691,11 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
     failure = None
     last_cost = None
     iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("batches is empty: it yielded no (inputs, targets) pair, so there is "
+                         "nothing to train on (a generator that was already consumed?)")
+    iterator = itertools.chain([first], iterator)
     bar = _progress_bar(progress, max_steps, snap.step, "batch")
     try:
         for _ in range(snap.step):  # a resumed run skips the batches already trained on
@@ -604,17 +712,25 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
                 raise TypeError("batches must yield (inputs, targets) pairs") from None
             batch_problem = problem.with_data(inputs, targets)
             (cost, new_params, new_state, params_ok, fallback, rank, sigma, solve_ok,
-             _) = _batch_step(optimizer, batch_problem, snap.params, snap.state, use_grad)
+             code) = _batch_step(optimizer, batch_problem, snap.params, snap.state, use_grad)
             cost = float(cost)
             if not math.isfinite(cost):
+                failure = "the cost became non-finite"
+                if bool(jnp.all(jnp.isfinite(_outputs(batch_problem, snap.params)))):
+                    failure = (f"the cost became non-finite while the model's outputs stayed "
+                               f"finite: the {problem.loss} cost overflows "
+                               f"{jax.flatten_util.ravel_pytree(snap.params)[0].dtype} (rescale "
+                               "the targets and the model's outputs)")
                 if prev is not None:  # the previous step led somewhere the model is not finite
                     snap = _Progress(snap.step - 1, *prev, snap.costs[:-1], snap.fallback_steps,
                                      snap.min_rank, snap.sigmas[:-1])
-                failure = "the cost became non-finite"
                 break
             if eps is not None and cost <= eps:
                 last_cost = cost
                 converged = True
+                break
+            if int(code) == RESULTS.overflow:
+                failure = _overflow_message(batch_problem, snap.params, snap.step)
                 break
             if not bool(solve_ok):
                 failure = "the output-metric solve met NaN or inf in the Jacobian or the residual"
@@ -639,7 +755,6 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
         raise
     finally:
         bar.close()
-    _save_unless_saved(checkpoint, snap, saved_at)
     costs = snap.costs + ((last_cost,) if converged else ())
     # Each batch is other data: the optimizer's per-update tests (ftol, xtol, stall) do not end
     # a mini-batch run; eps, the budget, the callback and the data do.
@@ -656,8 +771,11 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
     result = FitResult(snap.params, snap.state, np.asarray(costs), snap.step, converged,
                        snap.fallback_steps, snap.min_rank, resumed_from,
                        np.asarray(snap.sigmas, float), status)
+    _final_save(checkpoint, snap, saved_at, result)
     _warn_rank_loss(problem, result)
     if failure is not None:
+        if failure.startswith("fit: "):  # a complete message (the Gram overflowed)
+            raise NonFiniteError(failure, result._replace(status=RESULTS.overflow))
         raise NonFiniteError(_finite_cost_message(failure, snap.step).replace("step", "batch", 1),
                              result)
     return result

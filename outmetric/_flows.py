@@ -21,6 +21,7 @@ from ._solve import (
     resolve_solver,
     solve,
 )
+from ._validation import check_nonnegative, check_problem, check_rtol
 
 
 class AbstractFlow(eqx.Module):
@@ -169,13 +170,8 @@ def adapted_flow(problem: Problem, *, damping: float = 0.0, solver: str = "auto"
     singular-value cut-off of the solve (use e.g. 1e-10 in float64 when κ(D) ≳ 1e12).
     """
     _check_problem(problem)
-    if isinstance(damping, bool) or not (isinstance(damping, numbers.Real) or hasattr(damping, "dtype")):
-        raise TypeError(f"damping must be a number >= 0, got {damping!r}")
-    if static_real(damping) is not None and not 0 <= static_real(damping) < float("inf"):
-        raise ValueError(f"damping must be >= 0 and finite, got {damping}")
-    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, numbers.Real)
-                             or not 0 < rtol < 1):
-        raise ValueError(f"rtol must be a number in (0, 1) or None, got {rtol!r}")
+    check_nonnegative("damping", damping)
+    check_rtol(rtol)
     return AdaptedFlow(problem, damping, solver, rtol)
 
 
@@ -247,12 +243,5 @@ def interpolation_flow(problem: Problem, params0: PyTree, *, target: Array | Non
     return InterpolationFlow(problem, (target - x0).astype(x0.dtype), solver, rtol)
 
 
-def _check_rtol(rtol) -> None:
-    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, numbers.Real)
-                             or not 0 < rtol < 1):
-        raise ValueError(f"rtol must be a number in (0, 1) or None, got {rtol!r}")
-
-
-def _check_problem(problem) -> None:
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+_check_rtol = check_rtol
+_check_problem = check_problem

@@ -39,6 +39,7 @@ from ._solve import (
     resolve_solver,
     singular_values,
 )
+from ._validation import check_problem, check_rtol
 
 #: Largest K for which `critical_dimension(method="auto")` forms the dense K×K Hessian.
 DENSE_HESSIAN_MAX = 2000
@@ -49,18 +50,8 @@ REGIMES = ("overparametrised", "underparametrised", "rank-lost")
 # ---------------------------------------------------------------------------- argument checks
 
 
-def _check_problem(problem) -> None:
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
-
-
-def _check_rtol(rtol, name: str = "rtol") -> None:
-    if rtol is None:
-        return
-    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real):
-        raise TypeError(f"{name} must be a real number or None, got {type(rtol).__name__}")
-    if not 0.0 <= rtol < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {rtol}")
+_check_problem = check_problem
+_check_rtol = check_rtol
 
 
 def _check_nonnegative(value, name: str) -> None:

@@ -60,6 +60,7 @@ from ._problem import (
     map_sample_chunks,
     sample_chunks,
 )
+from ._validation import check_problem
 
 GRAM_METHODS = ("auto", "structured", "jacobian")
 
@@ -94,8 +95,7 @@ class _Analysis(NamedTuple):
 
 
 def _check_problem_params(problem, params):
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    check_problem(problem)
     check_params(params)
 
 

@@ -18,6 +18,7 @@ from ._errors import NonFiniteError
 from ._flows import AbstractFlow, adapted_flow
 from ._problem import Problem, check_params, nonfinite_cost_message, static_real
 from ._solve import output_metric_gradient
+from ._validation import check_problem
 
 
 def stopping_time(cost0: float, eps: float, num_samples: int) -> float:
@@ -233,8 +234,7 @@ def integrate(
     return the path with a `RuntimeWarning`; for κ(D) ≳ 1e12 in float64 use
     `adapted_flow(problem, rtol=1e-10)` (or `damping`) as `flow`.
     """
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    check_problem(problem)
     check_params(params)
     if eps is None and t1 is None:
         raise ValueError("integrate needs eps (to use the a priori stopping time) or t1")

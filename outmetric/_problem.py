@@ -104,6 +104,19 @@ def params_dtype(params: PyTree):
     return jnp.result_type(*[jnp.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)])
 
 
+def inputs_in(dtype, inputs: PyTree) -> PyTree:
+    """Floating input leaves wider than the parameters' `dtype`, cast down to it (float64 data
+    on float32 params: the model, its Jacobian and the Gram all compute in float32); integer
+    and narrower leaves as they are."""
+    def cast(leaf):
+        leaf_dtype = getattr(leaf, "dtype", None)
+        if (leaf_dtype is not None and jnp.issubdtype(leaf_dtype, jnp.floating)
+                and jnp.finfo(leaf_dtype).bits > jnp.finfo(dtype).bits):
+            return leaf.astype(dtype)
+        return leaf
+    return jax.tree_util.tree_map(cast, inputs)
+
+
 def _check_data_dtype(name: str, leaf) -> None:
     """Boolean and half-precision data are refused with a `TypeError` naming `name`."""
     dtype = getattr(leaf, "dtype", None)
@@ -138,7 +151,8 @@ class Problem(eqx.Module):
     a narrower float than the params (float16 or float32 outputs on float64 params) has its
     outputs cast up before the residual (as JAX's own promotion would), so the cost is the true
     cost of those outputs against the targets, never one against targets rounded to the outputs'
-    dtype. Targets are used in the parameters' dtype (float32 params on float64 data: float32).
+    dtype. Inputs and targets are used in the parameters' dtype (float32 params on float64
+    data: float32), so the model, the Jacobian D and the Gram are computed in float32 too.
     Boolean and half-precision inputs or targets are refused.
 
     **jit:** the data are pytree leaves, so a `Problem` can be passed through `jax.jit` and into
@@ -362,6 +376,7 @@ class Problem(eqx.Module):
     def _sample_output(self, params: PyTree, u: PyTree) -> Float[Array, " Q"]:
         """x_j = f(θ, u_j) for one sample, shape (Q,)."""
         dtype = params_dtype(params)
+        u = inputs_in(dtype, u)
         if self.batched:
             batch = jax.tree_util.tree_map(lambda a: a[None], u)
             out = self._check_sample_output(self.apply_fn(params, batch), 1, dtype)
@@ -383,8 +398,9 @@ class Problem(eqx.Module):
             dtype = params_dtype(params)
             return (r if r.dtype == dtype else r.astype(dtype))[:, None]
         if self.batched:
-            return self._check_sample_output(self.apply_fn(params, self.inputs), self.num_samples,
-                                             params_dtype(params))
+            dtype = params_dtype(params)
+            return self._check_sample_output(self.apply_fn(params, inputs_in(dtype, self.inputs)),
+                                             self.num_samples, dtype)
         return jax.vmap(self._sample_output, in_axes=(None, 0))(params, self.inputs)
 
     def cost(self, params: PyTree) -> Float[Array, ""]:

@@ -27,6 +27,9 @@ class RESULTS(enum.IntEnum):
       `NonFiniteError`, whose result carries this code).
     - `data_exhausted`: a mini-batch `fit`'s batches ran out before `max_steps`. (The
       per-update tests do not end a mini-batch run: each batch is other data.)
+    - `overflow`: D and the cost are finite but D's squares overflow the dtype (the Gram
+      matrix or the column norms of D are inf: |D| ≳ 1e154 in float64, 1e19 in float32); no
+      step is taken, and `fit` raises `NonFiniteError`, whose result carries this code.
     """
 
     running = 0
@@ -39,6 +42,7 @@ class RESULTS(enum.IntEnum):
     stopped_by_callback = 7
     nonfinite = 8
     data_exhausted = 9
+    overflow = 10
 
     @property
     def converged(self) -> bool:
@@ -69,4 +73,7 @@ _MESSAGES = {
     RESULTS.stopped_by_callback: "stopped: the callback returned True",
     RESULTS.nonfinite: "failed: NaN or inf in the cost, the parameters or the solve",
     RESULTS.data_exhausted: "stopped: the batches ran out before max_steps",
+    RESULTS.overflow: "failed: the Jacobian D is finite but its Gram matrix (its squares) "
+                      "overflows the dtype; rescale the parameters or the model so that "
+                      "|dx/dθ| is moderate",
 }

@@ -23,6 +23,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._problem import Problem
+from ._validation import check_problem
 
 
 def shard_samples(problem: Problem, mesh: Mesh, axis: str | tuple[str, ...] | None = None
@@ -50,8 +51,7 @@ def shard_samples(problem: Problem, mesh: Mesh, axis: str | tuple[str, ...] | No
     over ``jax.devices()``, and build `problem` from global arrays
     (``jax.make_array_from_process_local_data``); see the module docstring.
     """
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    check_problem(problem)
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if problem.residual_fn is not None:

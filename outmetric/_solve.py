@@ -13,8 +13,9 @@ $M\times M$ Gram $DD^\top$ when $M \le K$, the $K\times K$ matrix $D^\top D$ oth
 Methods (the `solver` argument):
 
 - `"cholesky"`: Cholesky of the (damped) Gram matrix. Fast; the hot path of the optimizer.
-  Its pivots give a rank estimate; a non-finite or numerically zero pivot (rank loss with too
-  little damping) switches to `"svd"`, and the result says so (`fallback=True`). The Gram may
+  Its pivots give a rank estimate (not a rank-revealing one: see "Rank" below); a non-finite
+  or numerically zero pivot (rank loss with too little damping), or undamped a pivot below
+  the cut-off, switches to `"svd"`, and the result says so (`fallback=True`). The Gram may
   come from a dense D, from chunks of D never held together (`chunk_size`), or, on the wide
   side, from the model's dense-layer structure (`gram="structured"`; `outmetric._gram`). Without
   a dense D, δ = Dᵀz is one VJP, and the rank-revealing fallback is the eigendecomposition of
@@ -24,7 +25,9 @@ Methods (the `solver` argument):
   rtol·σ_max, the price of never forming D.
 - `"qr"`: QR of $D^\top$ (or $D$), on the matrix augmented by $\sqrt\lambda I$ when damped.
   Accurate to $\kappa(D)\,\epsilon$ rather than $\kappa(D)^2\epsilon$; the default of the
-  undamped flows. A zero diagonal of R (rank loss) switches to `"svd"`.
+  undamped flows. The rank is read off the singular values of the small triangle R (an
+  n×n SVD, n = min(M, K); R's diagonal alone misses ill-conditioning, as on Kahan's matrix);
+  rank loss switches to `"svd"`.
 - `"svd"`: the rank-revealing reference: singular values below `rtol`·σ_max are dropped,
   $\delta = V\,\mathrm{diag}(\sigma/(\sigma^2 + \lambda))\,U^\top g$. Expensive; never the default.
 - `"cg"`: matrix-free conjugate gradients (lineax) on the damped Gram operator of the smaller
@@ -44,12 +47,24 @@ Methods (the `solver` argument):
   side $[g; 0]$ when damped: the minimum-norm least-squares solution, so $D^+g$ even under
   rank loss, with κ(D) rather than κ(D)² governing convergence. One JVP and one VJP per
   iteration; memory O(K + M).
-- `"auto"`: see `plan_solve` (the optimizer asks for a spectral factorization on the tall side). From M, K, the dtype and the free memory (`memory_budget`):
+- `"auto"`: see `plan_solve` (the optimizer asks for a spectral factorization on the tall side). From M, K, the dtype and the device's memory (`memory_budget`; the total, so the pick is
+  deterministic and a resumed run makes the same one):
   while D fits, `"qr"` for an undamped solve (damping given as the Python number 0) and
   `"cholesky"` otherwise (with the structured Gram when the model has dense layers and the
   wide side is solved); when only the Gram fits, `"cholesky"` on a structured or chunked Gram;
   else matrix-free, `"lsmr"` undamped and `"cg"` damped. The pick is logged (logger
   ``"outmetric"``, level INFO) and reported in the optimizer state.
+
+**Rank.** Every method measures rank on one scale, the singular values σ of D relative to
+σ_max: a direction counts when $\sigma_i > \mathrm{rtol}\cdot\sigma_{\max}$ (default rtol =
+max(M, K)·ε, as `numpy.linalg.matrix_rank`). `"svd"` and `"qr"` (the SVD of R) compute σ
+itself; `"eigh"` and the Gram fallback take $\sigma_i = \sqrt{\mu_i}$ from the Gram's eigenvalues,
+with the floor $\sqrt{n\epsilon}\,\sigma_{\max}$ below which μ is round-off of the Gram;
+`"cholesky"` counts $\sqrt{p_i - \lambda}$ from its pivots $p_i$ against $\sqrt{\max_i G_{ii}}$
+and, since pivots (like R's diagonal) are not rank-revealing, checks the smallest eigenvalue
+of the damped Gram, found by three inverse iterations with the factor ($O(n^2)$ each), against
+the same cut-off (with the Gram's floor). Undamped, a direction below the cut-off is rank
+lost and dropped: the step is the pseudo-inverse's (the SVD or eigh fallback).
 
 Dense factorizations call LAPACK through `jax.numpy.linalg` rather than lineax's dense solvers
 because the rank estimate and fallback need the factors themselves; the matrix-free paths are
@@ -97,10 +112,10 @@ PRECONDITIONERS = (None, "jacobi", "nystrom")
 #: optimizer) on the tall side (K < QN) up to this many parameters: one SVD then serves every λ.
 SPECTRAL_MAX_PARAMS = 2048
 
-#: A fixed memory budget in bytes for "auto"; None measures the free memory (`memory_budget`).
+#: A fixed memory budget in bytes for "auto"; None reads the device's memory (`memory_budget`).
 DENSE_BUDGET_BYTES: int | None = None
 
-#: The fraction of the free device (or host) memory that "auto" plans to fill.
+#: The fraction of the device (or host) memory that "auto" plans to fill.
 MEMORY_FRACTION = 0.5
 
 #: "auto" chunks the Gram only while it takes at most this many chunks (else matrix-free).
@@ -179,41 +194,45 @@ def check_solver_name(solver) -> None:
         raise ValueError(f"solver={solver!r} is not a known solver; choose one of {list(SOLVERS)}")
 
 
-def _host_available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages, else 4 GiB."""
+def _host_total_bytes() -> int:
+    """MemTotal from /proc/meminfo (Linux), else the physical pages, else 8 GiB."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith("MemTotal:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 4 * 1024**3
+        return 8 * 1024**3
 
 
 def memory_budget(device=None) -> int:
     """The bytes that `solver="auto"` plans to fill on `device` (default: the first local device).
 
-    `DENSE_BUDGET_BYTES` when set; else `MEMORY_FRACTION` of the free memory: on an accelerator
-    ``bytes_limit - bytes_in_use`` from ``device.memory_stats()``, on CPU the host's available
-    memory. The budget is read when a step is traced, so a compiled step keeps its plan.
+    `DENSE_BUDGET_BYTES` when set; else `MEMORY_FRACTION` of the device's memory: on an
+    accelerator ``bytes_limit`` from ``device.memory_stats()``, on CPU the host's physical
+    memory. Deliberately the total, not what is free right now: the plan, and so the solver
+    "auto" picks, is then a function of the shapes, the dtype and the machine only, and a run
+    resumed from a checkpoint (or a step retraced later) makes the same choice — what a
+    bit-identical resume needs. Pass `memory_budget=` (or set `DENSE_BUDGET_BYTES`) when other
+    work shares the memory.
     """
     if DENSE_BUDGET_BYTES is not None:
         return int(DENSE_BUDGET_BYTES)
     device = jax.local_devices()[0] if device is None else device
-    free = None
+    total = None
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - backends without memory statistics
         stats = None
     if stats and "bytes_limit" in stats:
-        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    if free is None:
-        free = _host_available_bytes()
-    return int(MEMORY_FRACTION * free)
+        total = int(stats["bytes_limit"])
+    if total is None:
+        total = _host_total_bytes()
+    return int(MEMORY_FRACTION * total)
 
 
 class SolvePlan(NamedTuple):
@@ -299,7 +318,7 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
     r"""Decide how to compute $D^+g$ (damped: $D^\top(DD^\top+\lambda I)^{-1}g$) for `problem` at `params`.
 
     With $M = QN$ rows, K parameters, $n = \min(M, K)$, b bytes per number and a budget B
-    (`memory_budget`, default `MEMORY_FRACTION` of the free memory), `solver="auto"` picks, in
+    (`memory_budget`, default `MEMORY_FRACTION` of the device's memory), `solver="auto"` picks, in
     order:
 
     1. undamped (`damping` the Python number 0) and $3MKb \le B$: `"qr"` on the dense D;
@@ -596,7 +615,18 @@ def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
     pivots = jnp.diag(chol) ** 2
     # A pivot of the damped Gram below n·ε·scale means the factor has lost all accuracy.
     gram_tol = max(gram.shape[0], 1) * float(jnp.finfo(gram.dtype).eps) * scale
+    # The rank on the σ scale (module docstring, "Rank"): sqrt(pivot - λ) against rtol·sqrt(scale).
+    rank = jnp.sum(jnp.sqrt(jnp.maximum(pivots - lam, 0.0))
+                   > rtol * jnp.sqrt(scale)).astype(jnp.int32)
     healthy = jnp.all(jnp.isfinite(chol)) & (jnp.min(pivots) > gram_tol) & (scale > 0)
+    # Pivots are not rank-revealing (Kahan's matrix): μ_min of the damped Gram by a few inverse
+    # iterations with the factor, O(n²) each, sees what they miss.
+    mu_min = _smallest_eigenvalue(chol)
+    cut = max(rtol, np.sqrt(max(gram.shape[0], 1) * float(jnp.finfo(gram.dtype).eps)))
+    lost = ~(jnp.sqrt(jnp.maximum(mu_min - lam, 0.0)) > cut * jnp.sqrt(scale))
+    rank = jnp.where(lost, jnp.minimum(rank, gram.shape[0] - 1), rank).astype(jnp.int32)
+    # Undamped, a direction below the cut-off is rank lost: the pseudo-inverse drops it.
+    healthy = healthy & ((lam > 0) | (rank == gram.shape[0]))
 
     def factor_solve(_):
         if wide:
@@ -604,7 +634,6 @@ def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
             delta = lin.rmatvec(z)
         else:
             delta = jsl.cho_solve((chol, True), lin.rmatvec(rhs))
-        rank = jnp.sum(pivots - lam > rtol * scale).astype(jnp.int32)
         return SolveResult(delta, rank, jnp.asarray(False), jnp.asarray(True))
 
     if jac is not None:
@@ -612,6 +641,20 @@ def _cholesky(lin: Linearization, rhs, lam, rtol) -> SolveResult:
     else:
         fallback = lambda _: _eigh(lin, gram, rhs, lam, rtol)  # noqa: E731
     return jax.lax.cond(healthy, factor_solve, fallback, None)
+
+
+def _smallest_eigenvalue(chol, iterations: int = 3) -> Float[Array, ""]:
+    """μ_min of LLᵀ from its Cholesky factor L by inverse iteration from a fixed random start
+    (a rank loss leaves a large gap below the kept eigenvalues, so a few iterations do)."""
+    n = chol.shape[0]
+    v = jax.random.normal(jax.random.PRNGKey(0), (n,), chol.dtype)
+    v = v / jnp.linalg.norm(v)
+    growth = jnp.asarray(1.0, chol.dtype)
+    for _ in range(iterations):
+        w = jsl.cho_solve((chol, True), v)
+        growth = jnp.linalg.norm(w)
+        v = w / jnp.where(growth > 0, growth, 1.0)
+    return 1.0 / growth
 
 
 def _eigh(lin: Linearization, gram, rhs, lam, rtol) -> SolveResult:
@@ -653,9 +696,12 @@ def _qr(jac, rhs, damping, rtol) -> SolveResult:
         q, r = jnp.linalg.qr(aug.T)
     else:
         q, r = jnp.linalg.qr(aug)
-    diag = jnp.abs(jnp.diag(r))
-    rank = jnp.sum(diag > rtol * jnp.max(diag)).astype(jnp.int32)
-    healthy = jnp.all(jnp.isfinite(r)) & (rank == r.shape[0])
+    # R's diagonal is not rank-revealing (a Kahan matrix keeps it O(1) at σ_min/σ_max = 1e-16);
+    # the singular values of the small triangle R are those of D (or of the augmented matrix).
+    finite = jnp.all(jnp.isfinite(r))
+    sigma = jnp.linalg.svd(jnp.where(finite, r, 0.0), compute_uv=False)
+    rank = jnp.sum(kept_singular_values(sigma, rtol)).astype(jnp.int32)
+    healthy = finite & (rank == r.shape[0])
 
     def factor_solve(_):
         if wide:
@@ -777,8 +823,18 @@ def _cg(lin: Linearization, rhs, lam, tol, max_steps, preconditioner=None,
     residual = vector - operator.mv(sol.value)
     finite = jnp.all(jnp.isfinite(delta)) & jnp.all(jnp.isfinite(residual))
     delta = jnp.where(finite, delta, 0.0)
-    return SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite,
-                       jnp.asarray(sol.stats["num_steps"], jnp.int32), finite)
+    result = SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged & finite,
+                         jnp.asarray(sol.stats["num_steps"], jnp.int32), finite)
+    # lineax's CG breaks down (0/0) on a Gram of low numerical rank under tiny damping in float32;
+    # then the safeguarded CG of the normal equations (the same vector) answers, finite unless the
+    # data are not.
+    steps = 10 * min(num_rows, num_params) + 10 if max_steps is None else max_steps
+
+    def safeguarded(_):
+        return normal_equations_cg(lin, rhs, lam, initial=jnp.zeros_like(lin.flat_params),
+                                   forcing=tol, max_steps=steps).solve
+
+    return jax.lax.cond(finite, lambda _: result, safeguarded, None)
 
 
 def _dense_diagonal(lin: Linearization, wide: bool):

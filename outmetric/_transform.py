@@ -26,6 +26,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from ._gram import GRAM_METHODS
+from ._masking import unmasked_problem
 from ._problem import Problem, check_chunk_size, check_params, static_real
 from ._results import RESULTS
 from ._search import (
@@ -52,6 +53,7 @@ from ._solve import (
     smallest_singular_value,
     solve,
 )
+from ._validation import check_flag, check_nonnegative, check_problem, check_rtol, check_scalar
 
 
 #: Update functions that ignore their `grads` argument; `fit` skips the backward pass for them.
@@ -65,27 +67,19 @@ def _require_problem(name: str, extra_args: dict) -> Problem:
             f"{name}.update needs the current batch as an extra argument: "
             "opt.update(grads, state, params, problem=problem)"
         )
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
+    check_problem(problem)
     return problem
 
 
-def _check_nonnegative(name: str, value) -> None:
-    # Numbers may arrive as arrays (optax.inject_hyperparams injects every numeric argument).
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "dtype")):
-        raise TypeError(f"{name} must be a number >= 0, got {value!r}")
-    number = static_real(value)
-    if number is not None and not 0 <= number < float("inf"):
-        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+_check_nonnegative = check_nonnegative
 
 
 def _check_solve_options(rtol, cg_tol, cg_max_steps) -> None:
     """Static checks of the options passed through to the solve; arrays pass unchecked."""
-    for name, value, upper in (("rtol", rtol, 1.0), ("cg_tol", cg_tol, float("inf"))):
-        if value is None or hasattr(value, "dtype"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < upper:
-            raise ValueError(f"{name} must be a number in (0, {upper:g}) or None, got {value!r}")
+    check_rtol(rtol)
+    if cg_tol is not None and not hasattr(cg_tol, "dtype") and (
+            isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not 0 < cg_tol):
+        raise ValueError(f"cg_tol must be a number in (0, inf) or None, got {cg_tol!r}")
     if cg_max_steps is not None and not hasattr(cg_max_steps, "dtype") and (
         isinstance(cg_max_steps, bool) or not isinstance(cg_max_steps, int) or cg_max_steps < 1
     ):
@@ -170,15 +164,15 @@ def scale_by_output_metric(
     - `damping`: fixed λ ≥ 0.
     - `solver`: `"auto"`, `"cholesky"`, `"qr"`, `"svd"`, `"cg"` or `"lsmr"`
       (`outmetric._solve`); the solve works on the smaller side (QN×QN or K×K). `"auto"`
-      decides from the sizes and free memory (`outmetric.plan_solve`) and `state.solver` says
-      what it picked.
+      decides from the sizes, dtype and device memory (`outmetric.plan_solve`) and
+      `state.solver` says what it picked.
     - `rtol`, `cg_tol`, `cg_max_steps`: passed to the solve (the last two to CG and LSMR).
     - `chunk_size`: compute per-sample Jacobians (and the Cholesky Gram, without holding D)
       this many samples at a time.
     - `gram`: where the Cholesky Gram comes from: `"auto"` (the dense-layer structure when the
       model has dense layers and the wide side is solved), `"structured"` or `"jacobian"`.
     - `preconditioner`, `preconditioner_rank`: for CG: None, `"jacobi"` or `"nystrom"`.
-    - `memory_budget`: bytes that `"auto"` may plan for (default: half the free memory).
+    - `memory_budget`: bytes that `"auto"` may plan for (default: half the device's memory).
     - `track_min_singular_value`: also record σ_min(D) in the state each update, so rank loss
       shows before it happens, and take `state.rank` from the same eigenvalues
       (`outmetric._solve.smallest_singular_value`: an `eigvalsh` of the Gram, dense solves
@@ -204,6 +198,7 @@ def scale_by_output_metric(
         if params is None:
             raise ValueError("scale_by_output_metric.update needs params")
         problem = _require_problem("scale_by_output_metric", extra_args)
+        problem = unmasked_problem(problem, params, extra_args, "scale_by_output_metric")
         lin, method = _linearize(problem, params, damping, solver, chunk_size, gram,
                                  memory_budget)
         result = solve(lin, _residual_vector(problem, lin.outputs), damping=damping,
@@ -220,9 +215,7 @@ def scale_by_output_metric(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+_check_flag = check_flag
 
 
 def _spectrum_report(lin, result: SolveResult, track: bool, rtol) -> tuple[Array, Array]:
@@ -439,6 +432,8 @@ def output_metric_descent(
     if not (callable(learning_rate) or isinstance(learning_rate, (int, float))
             or hasattr(learning_rate, "dtype")):
         raise TypeError(f"learning_rate must be a number or an optax schedule, got {learning_rate!r}")
+    if not callable(learning_rate):
+        check_scalar("learning_rate", learning_rate)
     if linesearch not in ("backtracking", None):
         raise ValueError(f"linesearch must be 'backtracking' or None, got {linesearch!r}")
     if scaling not in SCALINGS:
@@ -479,6 +474,7 @@ def output_metric_descent(
         if params is None:
             raise ValueError("output_metric_descent.update needs params")
         problem = _require_problem("output_metric_descent", extra_args)
+        problem = unmasked_problem(problem, params, extra_args, "output_metric_descent")
         num_rows = problem.num_samples * problem.output_dim
         flat0 = jax.flatten_util.ravel_pytree(params)[0]
         wide = num_rows <= flat0.shape[0]
@@ -488,13 +484,15 @@ def output_metric_descent(
                                  memory_budget, many_dampings=adaptive)
         dtype = lin.flat_params.dtype
         eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        if callable(learning_rate):
+            _check_schedule_value(eta)
         eta = jnp.asarray(eta, dtype)
         if not isinstance(learning_rate, (int, float)):  # a schedule or an injected array
-            eta = eqx.error_if(eta, ~((eta >= 0) & (eta <= 1)),
+            eta = eqx.error_if(eta, ~((eta > 0) & (eta <= 1)),
                                "output_metric_descent: the learning_rate (schedule) gave a value "
-                               "outside [0, 1]")
-        # In the parameters' dtype: float32 params on float64 data compute in float64 but keep a
-        # float32 state.
+                               "outside (0, 1]")
+        # In the parameters' dtype (float32 params on float64 data: the Problem casts the data,
+        # so outputs, D and the state are float32).
         residual = _residual_vector(problem, lin.outputs).astype(dtype)
         cost0 = problem.cost_from_outputs(lin.outputs).astype(dtype)
         ftol_ = _default_ftol(ftol, dtype)
@@ -582,8 +580,12 @@ def output_metric_descent(
 
         result = outcome.solve
         status = jnp.where(gtol_hit, RESULTS.gtol_reached, outcome.status).astype(jnp.int32)
+        # D finite, its squares not (|D| ≳ 1e154 in float64): a named failure, not a stall.
+        overflow = _squares_overflow(lin, column_sq if columns_at_hand else None, gradient,
+                                     cost0)
+        status = jnp.where(overflow, RESULTS.overflow, status).astype(jnp.int32)
         # A solve that met NaN or inf returned a zero δ: no step is taken, and none is claimed.
-        ok = result.finite & ~gtol_hit
+        ok = result.finite & ~gtol_hit & ~overflow
         step = jnp.where(ok, outcome.step, 0.0)
         taken = jnp.where(ok, outcome.taken, 0.0).astype(dtype)
         new_updates = lin.unravel(-step)
@@ -608,6 +610,18 @@ def output_metric_descent(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _squares_overflow(lin, column_sq, gradient, cost) -> Array:
+    """True when D (and Dᵀr, and C) are finite but the Gram or D's squared column norms are
+    not: the dtype's range, not the model, is at fault (`RESULTS.overflow`)."""
+    squares = [jnp.all(jnp.isfinite(x)) for x in (column_sq, lin.gram) if x is not None]
+    if not squares:
+        return jnp.asarray(False)
+    finite = jnp.isfinite(cost) & jnp.all(jnp.isfinite(gradient))
+    if lin.jacobian is not None:
+        finite = finite & jnp.all(jnp.isfinite(lin.jacobian))
+    return finite & ~jnp.all(jnp.stack(squares))
+
+
 class _KrylovFactor:
     """One matrix-free CG solve per λ (`normal_equations_cg`), warm-started and forced."""
 
@@ -618,6 +632,18 @@ class _KrylovFactor:
 
     def step(self, lam):
         return normal_equations_cg(*self._args, lam, **self._options)
+
+
+def _check_schedule_value(value) -> None:
+    if isinstance(value, (bool, np.bool_)) or not (isinstance(value, (int, float))
+                                                   or hasattr(value, "dtype")):
+        raise TypeError(f"output_metric_descent: the learning_rate schedule returned "
+                        f"{value!r}; it must return a number in (0, 1]")
+    check_scalar("the learning_rate schedule's value", value)
+    number = static_real(value)
+    if number is not None and not 0 < number <= 1:
+        raise ValueError(f"output_metric_descent: the learning_rate schedule returned {value}; "
+                         "it must return a number in (0, 1]")
 
 
 def _rtol(rtol, shape, dtype):

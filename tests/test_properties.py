@@ -4,7 +4,9 @@
 2. The damped step is the same vector on both sides: Dᵀ(DDᵀ + λI)⁻¹r = (DᵀD + λI)⁻¹Dᵀr, and
    every dense solver returns it.
 3. A finite input never yields a non-finite update, whatever the conditioning (saturated or
-   zero weights, repeated inputs), in float32 and float64.
+   zero weights, repeated inputs), in float32 and float64, and no solve along the way met NaN
+   or inf (`state.finite`: the solve zeroes a non-finite δ, so finite updates alone would not
+   show a solver that produced NaN; `test_the_properties_catch_a_solver_that_produces_nan`).
 
 Each property evaluates everything it needs in one jitted function (compiled once per shape);
 3 draws from two fixed architectures, so its examples reuse the compilations.
@@ -14,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import outmetric as om
+from outmetric._solve import _svd as _SVD
 
 SETTINGS = settings(max_examples=15, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -56,8 +60,8 @@ def _damped_steps(problem, params, damping):
     steps = {}
     for solver in ("cholesky", "qr", "svd"):
         opt = om.scale_by_output_metric(damping=damping, solver=solver)
-        steps[solver] = ravel_pytree(opt.update(None, opt.init(params), params,
-                                                problem=problem)[0])[0]
+        update, state = opt.update(None, opt.init(params), params, problem=problem)
+        steps[solver] = (ravel_pytree(update)[0], state.finite)
     return problem.jacobian(params), problem.outputs(params) - problem.targets, steps
 
 
@@ -86,7 +90,8 @@ def test_damped_step_is_the_same_on_both_sides(case, log_damping):
     tall = np.linalg.solve(jac.T @ jac + lam * np.eye(cols), jac.T @ residual)
     scale = np.linalg.norm(wide)
     assert relative_error(wide, tall, scale) <= 1e-8
-    for solver, step in steps.items():
+    for solver, (step, finite) in steps.items():
+        assert bool(finite), solver  # the solve met no NaN or inf (it would zero the step)
         assert relative_error(step, wide, scale) <= 1e-8, solver
 
 
@@ -144,11 +149,39 @@ def degenerate_cases(draw):
 @given(degenerate_cases())
 def test_finite_input_never_yields_a_non_finite_update(case):
     problem, params = case
+    check_finite_updates(problem, params, _all_updates(problem, params))
+
+
+def check_finite_updates(problem, params, results):
+    """Property 3 for `results` = {name: (updates, state)}: finite updates in the params' dtype,
+    a finite state, no solve that met NaN or inf, and no cost increase where safeguarded."""
     cost = float(problem.cost(params))
-    for name, (updates, state) in _all_updates(problem, params).items():
+    for name, (updates, state) in results.items():
         leaves = jax.tree_util.tree_leaves(updates)
         assert all(u.dtype == p.dtype for u, p in zip(leaves, jax.tree_util.tree_leaves(params)))
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in leaves), name
         assert all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree_util.tree_leaves(state)), name
+        assert bool(state.finite), f"{name}: the solve met NaN or inf (its δ was zeroed)"
         if name in ("default", "undamped"):  # safeguarded: the cost never increases
             assert float(problem.cost(optax.apply_updates(params, updates))) <= cost, name
+
+
+def test_the_properties_catch_a_solver_that_produces_nan(monkeypatch):
+    """A solver whose δ is NaN is zeroed by the solve, so the updates stay finite: the check
+    must still fail, on `state.finite`."""
+    from outmetric import _solve
+
+    def broken_svd(jac, rhs, lam, rtol, *, fallback):
+        result = _SVD(jac, rhs, lam, rtol, fallback=fallback)
+        return result._replace(delta=result.delta * jnp.nan)
+
+    monkeypatch.setattr(_solve, "_svd", broken_svd)
+    arch = ARCHITECTURES[0]
+    _, params = om.mlp(jax.random.PRNGKey(1), [arch[0], *arch[1], arch[2]], "tanh")
+    inputs = jax.random.normal(jax.random.PRNGKey(2), (arch[3], arch[0]))
+    problem = om.Problem(APPLIES[arch], inputs, jnp.zeros((arch[3], arch[2])))
+    opt = OPTIMIZERS["svd"]
+    updates, state = opt.update(None, opt.init(params), params, problem=problem)  # not jitted
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))
+    with pytest.raises(AssertionError, match="the solve met NaN or inf"):
+        check_finite_updates(problem, params, {"svd": (updates, state)})
