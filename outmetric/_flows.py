@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
-from ._problem import Problem, _check_finite, check_params, static_real
+from ._problem import AbstractProblem, Problem, _check_finite, check_params, static_real
 from ._solve import (
     check_solver_name,
     linearize,
@@ -254,5 +254,5 @@ def _check_rtol(rtol) -> None:
 
 
 def _check_problem(problem) -> None:
-    if not isinstance(problem, Problem):
+    if not isinstance(problem, AbstractProblem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")

@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._integrate import Trajectory
-from ._problem import Problem, check_params
+from ._problem import AbstractProblem, Problem, check_params
 from ._solve import (
     SOLVERS,
     default_rtol,
@@ -50,7 +50,7 @@ REGIMES = ("overparametrised", "underparametrised", "rank-lost")
 
 
 def _check_problem(problem) -> None:
-    if not isinstance(problem, Problem):
+    if not isinstance(problem, AbstractProblem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
 
 

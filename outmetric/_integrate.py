@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, PyTree
 
 from ._errors import NonFiniteError
 from ._flows import AbstractFlow, adapted_flow
-from ._problem import Problem, check_params, nonfinite_cost_message, static_real
+from ._problem import AbstractProblem, Problem, check_params, nonfinite_cost_message, static_real
 from ._solve import output_metric_gradient
 
 
@@ -233,7 +233,7 @@ def integrate(
     return the path with a `RuntimeWarning`; for κ(D) ≳ 1e12 in float64 use
     `adapted_flow(problem, rtol=1e-10)` (or `damping`) as `flow`.
     """
-    if not isinstance(problem, Problem):
+    if not isinstance(problem, AbstractProblem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
     check_params(params)
     if eps is None and t1 is None:

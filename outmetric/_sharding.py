@@ -22,7 +22,7 @@ import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._problem import Problem
+from ._problem import AbstractProblem, Problem
 
 
 def shard_samples(problem: Problem, mesh: Mesh, axis: str | tuple[str, ...] | None = None
@@ -38,7 +38,8 @@ def shard_samples(problem: Problem, mesh: Mesh, axis: str | tuple[str, ...] | No
 
     **Arguments:**
 
-    - `problem`: a per-sample `outmetric.Problem` (not one from `Problem.from_residual`).
+    - `problem`: a per-sample `outmetric.Problem` (not a `ResidualProblem` or one from
+      `Problem.from_residual`).
     - `mesh`: a `jax.sharding.Mesh`, e.g. ``jax.make_mesh((jax.device_count(),), ("data",))``.
     - `axis`: the mesh axis name (or tuple of names) that splits the samples; default all of
       the mesh's axes.
@@ -50,12 +51,13 @@ def shard_samples(problem: Problem, mesh: Mesh, axis: str | tuple[str, ...] | No
     over ``jax.devices()``, and build `problem` from global arrays
     (``jax.make_array_from_process_local_data``); see the module docstring.
     """
-    if not isinstance(problem, Problem):
+    if not isinstance(problem, AbstractProblem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if problem.residual_fn is not None:
-        raise ValueError("problem comes from Problem.from_residual: it has no sample axis to shard")
+    if not problem.per_sample:
+        raise ValueError(f"problem is a {type(problem).__name__}, not a per-sample Problem: it "
+                         "has no sample axis to shard")
     axes = tuple(mesh.axis_names) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
     for name in axes:
         if name not in mesh.axis_names:
