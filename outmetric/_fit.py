@@ -570,8 +570,10 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
                 raise CheckpointError(
                     f"resuming at step {snap.step}, but batches ended before that: pass the "
                     "same sequence of batches as the interrupted run")
-        for batch in iterator:
-            if snap.step >= max_steps:
+        end = object()
+        while snap.step < max_steps:  # (no batch is drawn past the budget)
+            batch = next(iterator, end)
+            if batch is end:
                 break
             batch_problem = problem.with_batch(batch)
             (cost, new_params, new_state, params_ok, fallback, rank, sigma, solve_ok,

@@ -282,9 +282,9 @@ class ResidualProblem(AbstractProblem):
         def spec(a):
             return jax.ShapeDtypeStruct(tuple(jnp.shape(a)[1:]), jnp.result_type(a))
 
-        points = [jax.tree_util.tree_map(spec, s.points) for s in self.sets]
-        return jax.make_jaxpr(lambda params: tuple(
-            s.residual_fn(params, p) for s, p in zip(self.sets, points)))(params_spec)
+        points = tuple(jax.tree_util.tree_map(spec, s.points) for s in self.sets)
+        return jax.make_jaxpr(lambda params, points: tuple(
+            s.residual_fn(params, p) for s, p in zip(self.sets, points)))(params_spec, points)
 
     def fingerprint_parts(self) -> tuple[str, PyTree]:
         layout = ",".join(f"{n}:{s.num_outputs}" for n, s in zip(self.names, self.sets))
