@@ -297,6 +297,7 @@ def fit(
         raise TypeError(f"problem must be an outmetric problem (Problem, ResidualProblem, ...), "
                         f"got {type(problem).__name__}")
     check_params(params)
+    problem.size_from(params)
     if optimizer is None:
         optimizer = _default_optimizer()
     if not isinstance(optimizer, optax.GradientTransformation):

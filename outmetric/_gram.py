@@ -98,6 +98,7 @@ def _check_problem_params(problem, params):
         raise TypeError(f"problem must be an outmetric problem (Problem, ResidualProblem, ...), "
                         f"got {type(problem).__name__}")
     check_params(params)
+    problem.size_from(params)
 
 
 def _trace_sample(problem: AbstractProblem, leaves, treedef):

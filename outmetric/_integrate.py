@@ -236,6 +236,7 @@ def integrate(
     if not isinstance(problem, AbstractProblem):
         raise TypeError(f"problem must be an outmetric.Problem, got {type(problem).__name__}")
     check_params(params)
+    problem.size_from(params)
     if eps is None and t1 is None:
         raise ValueError("integrate needs eps (to use the a priori stopping time) or t1")
     if eps is not None and (not _is_real(eps) or not eps > 0 or not math.isfinite(eps)):

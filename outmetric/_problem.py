@@ -191,6 +191,11 @@ class AbstractProblem(eqx.Module):
         """(a description of the loss and layout, the data arrays): what a checkpoint's data
         fingerprint hashes."""
 
+    def size_from(self, params: PyTree) -> None:
+        """Fix sizes that are read from an evaluation (the stacked residual kind's m), by
+        tracing `outputs` at `params`' shapes; a no-op for kinds sized by their data. Entry
+        points that take params call it first."""
+
     # ------------------------------------------------------------------ common to every kind
 
     def cost(self, params: PyTree) -> Float[Array, ""]:
@@ -373,11 +378,13 @@ class Problem(AbstractProblem):
         collocation point use `outmetric.ResidualProblem`, whose Jacobian rows cost one point
         each.
 
-        m is read from the first evaluation (`outputs`, `cost`, `linearize`, ... or `fit`,
-        which evaluates the cost first), so ``Problem.from_residual(fn)`` needs nothing else.
+        m is read from the first evaluation (`outputs`, `cost`, `linearize`, ...; `fit`,
+        `integrate` and the Gram functions do it first, through `size_from(params)`, which
+        traces without computing), so ``Problem.from_residual(fn)`` needs nothing else.
         `num_residuals`, or `example_params` from which m is read by `jax.eval_shape`, size it
-        at once; give one of them when the problem goes straight into
-        ``output_metric_descent().update``, which reads N before it evaluates anything.
+        at once; give one of them (or call `problem.size_from(params)`) when the problem goes
+        straight into ``output_metric_descent().update`` or `output_metric_gradient`, which
+        read N before they evaluate anything.
         """
         from ._residual import StackedResidualProblem  # the residual kinds build on this module
 

@@ -385,14 +385,20 @@ class StackedResidualProblem(AbstractProblem):
         self.residual_fn = residual_fn
         self.size = _Size(num_residuals)
 
+    def size_from(self, params: PyTree) -> None:
+        """Read m from the shape of `residual_fn(params)` (traced, not evaluated)."""
+        if self.size.value is None:
+            jax.eval_shape(self.outputs, params)
+
     @property
     def num_samples(self) -> int:
         """N = m, the number of residuals."""
         if self.size.value is None:
             raise ValueError(
                 "this Problem.from_residual(fn) problem has not been evaluated yet, so its "
-                "number of residuals m is unknown: evaluate it once (problem.cost(params)), or "
-                "pass num_residuals=m or example_params=params to from_residual")
+                "number of residuals m is unknown: evaluate it once (problem.cost(params) or "
+                "problem.size_from(params)), or pass num_residuals=m or example_params=params "
+                "to from_residual")
         return self.size.value
 
     @property
@@ -443,8 +449,7 @@ class StackedResidualProblem(AbstractProblem):
         check_params(params)
         flat, unravel = ravel_pytree(params)
         num_params = flat.shape[0]
-        if self.size.value is None:
-            jax.eval_shape(self.outputs, params)  # traced once, for m
+        self.size_from(params)
 
         def stacked(f):
             x = self.outputs(unravel(f))
