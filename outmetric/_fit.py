@@ -2,6 +2,7 @@
 mini-batch, that never returns non-finite parameters as a success and can checkpoint and resume."""
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import math
@@ -158,8 +159,18 @@ def _select(flag, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
-@eqx.filter_jit
-def _run_chunk(optimizer, problem, carry, num, eps, use_grad, chunk):
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(optimizer, use_grad: bool, chunk: int) -> Callable:
+    """`_run_chunk` for one optimizer, gradient use and chunk length, under `jax.jit`.
+
+    The optimizer (a tuple of functions, not a pytree of arrays) is closed over, so each call
+    goes through jit's C++ dispatch path (tens of microseconds) rather than equinox's
+    pytree-filtering wrapper; on a tiny fit that dispatch is most of the wall time. The cache
+    holds the optimizers of the last 64 configurations."""
+    return jax.jit(functools.partial(_run_chunk, optimizer, use_grad=use_grad, chunk=chunk))
+
+
+def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
     """Up to `num` ≤ `chunk` steps in one compiled `while_loop`.
 
     `carry` is (params, state, prev_params, prev_state, has_prev, fallbacks, min_rank), where
@@ -440,6 +451,27 @@ def _warn_rank_loss(problem: AbstractProblem, result: FitResult) -> None:
         "per step", RuntimeWarning, stacklevel=3)
 
 
+class _NoBar:
+    """What `fit` talks to when `progress=False` (a disabled tqdm still costs ~0.1 ms a call)."""
+
+    n = 0
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(progress: bool, total: int, initial: int, unit: str):
+    if not progress:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, desc="fit", unit=unit)
+
+
 def _finite_cost_message(what: str, step: int) -> str:
     return (f"fit: {what} at step {step}: the model or the optimizer produced NaN or inf. "
             "error.result holds the last parameters with a finite cost and their optimizer "
@@ -449,33 +481,37 @@ def _finite_cost_message(what: str, step: int) -> str:
 def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chunk, batches,
               use_grad, checkpoint, every):
     dtype = jax.flatten_util.ravel_pytree(snap.params)[0].dtype
-    eps_value = jnp.asarray(-jnp.inf if eps is None else eps, dtype)
+    eps_value = np.asarray(-np.inf if eps is None else eps, dtype)
     resumed_from = saved_at = snap.step
     # The params before the last step, to undo a step that leads to a non-finite cost.
     prev = (snap.params, snap.state, jnp.asarray(False))
-    bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="step")
+    bar = _progress_bar(progress, max_steps, snap.step, "step")
     done = bad = rolled_back = stopped = solve_bad = False
     final_cost = None
     # A run resumed from the checkpoint of a finished run has nothing left to do.
-    status = RESULTS(int(_solve_report(snap.state)[4]))
+    status = (RESULTS(int(_solve_report(snap.state)[4])) if snap.step > 0
+              else RESULTS.running)
+    run_chunk = _compiled_chunk(optimizer, bool(use_grad), int(chunk))
     try:
         while (snap.step < max_steps and not (done or bad or stopped)
                and status == RESULTS.running):
             num = min(chunk, max_steps - snap.step)
             if every is not None:
                 num = min(num, every - snap.step % every)
-            carry = (snap.params, snap.state, *prev, jnp.asarray(snap.fallback_steps, jnp.int32),
-                     jnp.asarray(snap.min_rank, jnp.int32))
+            carry = (snap.params, snap.state, *prev, np.int32(snap.fallback_steps),
+                     np.int32(snap.min_rank))
             (taken, carry, costs, sigmas, done_c, bad_c, back_c, solve_bad_c, status_c,
-             final_c) = _run_chunk(optimizer, problem, carry, jnp.asarray(num), eps_value,
-                                   use_grad, chunk)
-            taken, done, bad, rolled_back = int(taken), bool(done_c), bool(bad_c), bool(back_c)
-            solve_bad = bool(solve_bad_c)
+             final_c) = run_chunk(problem, carry, np.int32(num), eps_value)
+            # one transfer for all the host needs
+            taken, costs, sigmas, done, bad, rolled_back, solve_bad, status_c, final_cost = (
+                jax.device_get((taken, costs, sigmas, done_c, bad_c, back_c, solve_bad_c,
+                                status_c, final_c)))
+            taken, done, bad, rolled_back = int(taken), bool(done), bool(bad), bool(rolled_back)
+            solve_bad = bool(solve_bad)
             status = RESULTS(int(status_c))
-            final_cost = float(final_c)
-            costs = np.asarray(costs)
+            final_cost = float(final_cost)
             history = snap.costs + tuple(costs[:taken].tolist())
-            sigma_history = snap.sigmas + tuple(np.asarray(sigmas)[:taken].tolist())
+            sigma_history = snap.sigmas + tuple(sigmas[:taken].tolist())
             params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
             if not bad and not math.isfinite(final_cost) and bool(has_prev):
                 # The last step of the chunk led where the cost is not finite: undo it here,
@@ -531,16 +567,20 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     return result
 
 
-@eqx.filter_jit
+@jax.jit
 def _cost(problem, params):
     """C(params), compiled once per problem structure (the eager call costs milliseconds)."""
     return problem.cost(params)
 
 
-@eqx.filter_jit
 def _init(optimizer, params):
-    """optimizer.init(params), compiled once per optimizer."""
-    return optimizer.init(params)
+    """optimizer.init(params), compiled once per optimizer (`_compiled_init`)."""
+    return _compiled_init(optimizer)(params)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_init(optimizer) -> Callable:
+    return jax.jit(optimizer.init)
 
 
 @eqx.filter_jit
@@ -564,7 +604,7 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
         skip = 0
     else:
         iterator, skip = iter(batches), snap.step
-    bar = tqdm(total=max_steps, initial=snap.step, disable=not progress, desc="fit", unit="batch")
+    bar = _progress_bar(progress, max_steps, snap.step, "batch")
     try:
         for _ in range(skip):  # a resumed run skips the batches already trained on
             if next(iterator, None) is None:

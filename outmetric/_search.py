@@ -164,40 +164,84 @@ def _trials(try_one: Callable, carry, max_trials: int, like):
 
 def levenberg_marquardt(factor, inv_sqrt_scale, eta, cost0, trial_cost, num_samples, *,
                         damping, growth, floor, cap, xnorm, ftol, xtol,
-                        max_trials: int, between_updates: bool = False) -> Outcome:
+                        max_trials: int) -> Outcome:
     r"""Levenberg–Marquardt with Nielsen's damping rule, for factorizations that pay per λ
-    (`DirectFactor`: a Cholesky of the damped Gram each; one CG solve with `max_trials=1`).
+    (`DirectFactor`: a Cholesky of the damped Gram each).
 
     Accept when ρ ≥ 1e-4 and shrink λ by $\max(1/3, 1 - (2\rho - 1)^3)$; otherwise multiply λ
     by ν and double ν. λ stays in [`floor`, `cap`]: the floor is what the Cholesky factorization
     of the damped Gram needs (its pivots lose all accuracy below n·ε times the Gram's scale),
-    not a limit on progress, which the scaled damping keeps out of the way. With
-    `between_updates` (the matrix-free search: a few solves at most, usually one) an update
-    without a decrease keeps the escalated λ for the next update, as Hessian-free optimisation
-    does, and is not a stall.
+    not a limit on progress, which the scaled damping keeps out of the way.
     """
     dtype = inv_sqrt_scale.dtype
 
     def try_one(i, carry):
         lam, nu = carry
         trial = evaluate(factor.step(lam), inv_sqrt_scale, eta, cost0, trial_cost, num_samples)
-        accepted = _accepted(trial)
-        shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * trial.ratio - 1.0) ** 3)
-        new_lam = jnp.clip(jnp.where(accepted, lam * shrink, lam * nu), floor, cap)
-        new_nu = jnp.where(accepted, 2.0, 2.0 * nu)
+        new_lam, new_nu = _nielsen(trial, lam, nu, floor, cap)
         status = _status(_ftol(trial, ftol), trial.length <= xtol * xnorm)
         return (new_lam.astype(dtype), new_nu.astype(dtype)), trial, status
 
     lam0 = jnp.clip(damping, floor, cap).astype(dtype)
     (lam, nu), accepted, status, step, solve = _trials(
         try_one, (lam0, jnp.asarray(growth, dtype)), max_trials, inv_sqrt_scale)
-    if not between_updates:
-        # No decrease within the budget: restart from the λ this update began with.
-        lam = jnp.where(accepted, lam, lam0)
-        nu = jnp.where(accepted, nu, 2.0)
-        status = jnp.where(~accepted & (status == RESULTS.running), RESULTS.stalled, status)
+    # No decrease within the budget: restart from the λ this update began with.
+    lam = jnp.where(accepted, lam, lam0)
+    nu = jnp.where(accepted, nu, 2.0)
+    status = jnp.where(~accepted & (status == RESULTS.running), RESULTS.stalled, status)
     return Outcome(step, accepted.astype(dtype), lam, nu.astype(dtype),
                    jnp.asarray(-1.0, dtype), status.astype(jnp.int32), solve)
+
+
+def _nielsen(trial: Trial, lam, nu, floor, cap):
+    """Nielsen's update of (λ, ν) after a trial: shrink λ by max(1/3, 1 − (2ρ − 1)³) and reset
+    ν = 2 when accepted, else λ ← ν·λ and ν ← 2ν; λ kept in [floor, cap]."""
+    accepted = _accepted(trial)
+    shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * trial.ratio - 1.0) ** 3)
+    new_lam = jnp.clip(jnp.where(accepted, lam * shrink, lam * nu), floor, cap)
+    return new_lam, jnp.where(accepted, 2.0, 2.0 * nu)
+
+
+def one_solve_levenberg_marquardt(factor, inv_sqrt_scale, eta, cost0, trial_cost, num_samples,
+                                  *, damping, growth, floor, cap, xnorm, ftol, xtol,
+                                  max_backtracks: int) -> Outcome:
+    r"""One solve per update, λ adapted between updates, as Hessian-free optimisation does: the
+    matrix-free path, where every λ costs a Krylov solve.
+
+    The step δ(λ) is solved once at the carried λ. If it is accepted (ρ ≥ 1e-4) it is taken and
+    λ shrinks by Nielsen's factor; if not, λ ← ν·λ, ν ← 2ν for the next update, and the same
+    direction is backtracked, α ∈ {1/2, 1/4, …} (at most `max_backtracks` cost evaluations, no
+    solve), taking the first α·δ that lowers C. Neither is a stall: the next update solves at
+    the larger λ. MINPACK's ftol and xtol tests run on the full step's trial.
+    """
+    dtype = inv_sqrt_scale.dtype
+    lam = jnp.clip(damping, floor, cap).astype(dtype)
+    trial = evaluate(factor.step(lam), inv_sqrt_scale, eta, cost0, trial_cost, num_samples)
+    accepted = _accepted(trial)
+    new_lam, new_nu = _nielsen(trial, lam, jnp.asarray(growth, dtype), floor, cap)
+    status = _status(_ftol(trial, ftol), trial.length <= xtol * xnorm)
+    one = jnp.asarray(1.0, dtype)
+
+    def cond(carry):
+        i, _, found = carry
+        return (i < max_backtracks) & ~found
+
+    def body(carry):
+        i, alpha, _ = carry
+        alpha = 0.5 * alpha
+        value = trial_cost(alpha * trial.step)
+        return i + 1, alpha, jnp.isfinite(value) & (value < cost0)
+
+    search = trial.solve.finite & ~accepted & (status == RESULTS.running)
+    _, alpha, found = jax.lax.cond(
+        search, lambda: jax.lax.while_loop(cond, body, (0, one, jnp.asarray(False))),
+        lambda: (0, one, accepted))
+    found = found & trial.solve.finite
+    # Not α·step: a non-finite step times α = 0 would be NaN.
+    step = jnp.where(found, alpha * trial.step, jnp.zeros_like(trial.step))
+    taken = jnp.where(found, alpha, 0.0)
+    return Outcome(step, taken.astype(dtype), new_lam.astype(dtype), new_nu.astype(dtype),
+                   jnp.asarray(-1.0, dtype), status.astype(jnp.int32), trial.solve)
 
 
 def backtracking(damped: DampedStep, inv_sqrt_scale, eta, cost0, trial_cost, num_samples, *,

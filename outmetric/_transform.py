@@ -28,7 +28,13 @@ from jaxtyping import Array, Bool, Float, Int
 from ._gram import GRAM_METHODS
 from ._problem import Problem, check_chunk_size, check_params, static_real
 from ._results import RESULTS
-from ._search import backtracking, gradient_test, levenberg_marquardt, trust_region
+from ._search import (
+    backtracking,
+    gradient_test,
+    levenberg_marquardt,
+    one_solve_levenberg_marquardt,
+    trust_region,
+)
 from ._solve import (
     MATRIX_FREE,
     PRECONDITIONERS,
@@ -296,11 +302,12 @@ STEP_RULES = ("auto", "trust_region", "levenberg_marquardt")
 #: Scaled damping: "auto" (column scaling on the tall side under adaptive damping), or either.
 SCALINGS = ("auto", "jacobian", "identity")
 
-#: Krylov solves per update at most on the matrix-free path after the first update (one unless
-#: it is rejected; the first update may try `max_linesearch_steps` λ).
-MATRIX_FREE_TRIALS = 3
+#: Halvings of the matrix-free step's α when its one solve gives no decrease (cost evaluations
+#: only; the next update solves at a larger λ).
+MATRIX_FREE_BACKTRACKS = 10
 
-#: Eisenstat–Walker (choice 2) for the matrix-free solve: η_k = γ(‖g_k‖/‖g_{k-1}‖)^2, at most
+#: The inexact-Newton (Eisenstat–Walker, choice 2) forcing rule of the matrix-free solve:
+#: η_k = γ(‖g_k‖/‖g_{k-1}‖)² (safeguarded by γη_{k-1}² when that exceeds 0.1), at most
 #: `FORCING_MAX`, at least the solve tolerance.
 FORCING_GAMMA, FORCING_MAX = 0.9, 0.01  # 0.5 gave steps too crude on small fits
 
@@ -375,10 +382,11 @@ def output_metric_descent(
       `initial_damping` times the mean diagonal of the (scaled) Gram (`_search.levenberg_marquardt`).
     - `damping="adaptive"` with a matrix-free solver (`"cg"`): one inexact CG solve per update
       on the K side, warm-started from the previous direction and stopped by the
-      Eisenstat–Walker forcing rule (or at `cg_tol` when given); λ is adapted from ρ, a rejected
-      solve is retried with a larger λ at most twice (the first update: up to
-      `max_linesearch_steps` times), and the λ carries to the next update, as
-      in Hessian-free optimisation; an update without decrease takes no step.
+      Eisenstat–Walker forcing rule (or at `cg_tol` when given); λ is adapted from ρ between
+      updates, as in Hessian-free optimisation, and a rejected direction is backtracked
+      (α = 1/2, 1/4, …: cost evaluations, no second solve) while the next update solves at
+      the larger λ (`_search.one_solve_levenberg_marquardt`). One solve per update, the first
+      included.
     - `damping=λ` (a number ≥ 0): fixed damping; with `linesearch="backtracking"` the step
       fraction $\alpha_k$ is the largest of 1, 1/2, 1/4, … that decreases C; with
       `linesearch=None` the plain Euler step ($\alpha_k = 1$; for a model linear in θ with
@@ -564,13 +572,13 @@ def output_metric_descent(
             # CG and the rest only need λ > 0 for the multiplicative rule.
             unit = max(lin.shape) * 10.0 if method == "cholesky" else 1.0
             floor = unit * float(jnp.finfo(dtype).eps) * mean_diagonal
-            outcome = levenberg_marquardt(
-                factor, *common, damping=lam0, growth=state.damping_growth, floor=floor,
-                cap=1e16 * mean_diagonal, xnorm=xnorm, ftol=ftol_, xtol=xtol_,
-                # matrix-free: the first update searches for λ in full, later ones retry twice
-                max_trials=(jnp.where(state.damping < 0, max_trials, MATRIX_FREE_TRIALS)
-                            if matrix_free else max_trials),
-                between_updates=matrix_free)
+            options = dict(damping=lam0, growth=state.damping_growth, floor=floor,
+                           cap=1e16 * mean_diagonal, xnorm=xnorm, ftol=ftol_, xtol=xtol_)
+            if matrix_free:  # one Krylov solve per update; λ adapts between updates
+                outcome = one_solve_levenberg_marquardt(
+                    factor, *common, max_backtracks=MATRIX_FREE_BACKTRACKS, **options)
+            else:
+                outcome = levenberg_marquardt(factor, *common, max_trials=max_trials, **options)
 
         result = outcome.solve
         status = jnp.where(gtol_hit, RESULTS.gtol_reached, outcome.status).astype(jnp.int32)

@@ -208,7 +208,8 @@ def test_jitted_matrix_free_update_does_not_recompile_and_descends():
     update = jax.jit(opt.update)
     updates, state = update(None, opt.init(params), params, problem=problem)
     new_params = optax.apply_updates(params, updates)
-    assert problem.cost(new_params) < problem.cost(params) and float(state.step_size) == 1.0
+    # One solve per update: the direction is taken whole or backtracked (α = 1/2, …).
+    assert problem.cost(new_params) < problem.cost(params) and float(state.step_size) > 0
     update(None, state, new_params, problem=other)
     assert update._cache_size() == 1
 

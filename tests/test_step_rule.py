@@ -210,6 +210,36 @@ def test_matrix_free_default_descends_with_one_solve_per_update():
     assert update._cache_size() == 1
 
 
+def test_matrix_free_update_solves_once_even_when_the_direction_is_rejected(monkeypatch):
+    """One Krylov solve per update (counted as it runs), the first update included; a rejected
+    direction is backtracked (0 < α < 1) and λ grows for the next update."""
+    from outmetric import _transform
+
+    solves = []
+    step = _transform._KrylovFactor.step
+
+    def counted(self, lam):
+        out = step(self, lam)
+        jax.debug.callback(lambda: solves.append(1))
+        return out
+
+    monkeypatch.setattr(_transform._KrylovFactor, "step", counted)
+    problem, params = make_problem("tanh_mlp", n=8)
+    opt = om.output_metric_descent(solver="cg")
+    update = jax.jit(lambda s, p: opt.update(None, s, p, problem=problem))
+    state, alphas, dampings = opt.init(params), [], []
+    for _ in range(6):
+        before = len(solves)
+        u, state = update(state, params)
+        jax.block_until_ready(u)
+        assert len(solves) - before == 1
+        params = optax.apply_updates(params, u)
+        alphas.append(float(state.step_size))
+        dampings.append(float(state.damping))
+    assert 0.0 < alphas[0] < 1.0  # this start's first direction is too long: backtracked
+    assert dampings[1] > dampings[0] / 3  # ... and λ was raised, not shrunk, for the next
+
+
 def test_spectral_default_reports_rank_loss():
     """A duplicated parameter direction: rank D = K − 1 is read off the spectrum."""
     x = jnp.linspace(0.0, 1.0, 30)
