@@ -133,7 +133,10 @@ def test_pointwise_and_stacked_take_the_same_step(solver):
     for p in (problem, other):
         updates, state = opt.update(None, opt.init(params), params, problem=p)
         steps.append(ravel_pytree(updates)[0])
-    np.testing.assert_allclose(steps[0], steps[1], atol=1e-12 * float(jnp.max(jnp.abs(steps[1]))),
+    # Dense solves agree to round-off; CG stops at its inexact-Newton forcing tolerance, so
+    # the two (round-off-different) operators give steps equal to that tolerance only.
+    tol = 1e-8 if solver == "cg" else 1e-12
+    np.testing.assert_allclose(steps[0], steps[1], atol=tol * float(jnp.max(jnp.abs(steps[1]))),
                                rtol=0)
 
 
