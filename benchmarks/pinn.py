@@ -1,7 +1,8 @@
 """PINN benchmarks in the published ENGD/KFAC settings, and the runner that times them.
 
     python -m benchmarks.pinn [--only heat|poisson2d|poisson5d] [--quick] [--max-steps N]
-                              [--budget S] [--methods outmetric engd adam lbfgs] [--out DIR]
+                              [--budget S] [--methods outmetric engd adam lbfgs]
+                              [--form pointwise|rows] [--out DIR]
 
 The settings follow Dangel, Müller & Zeinhofer, *Kronecker-factored approximate curvature for
 physics-informed neural networks* (NeurIPS 2024; code: f-dangel/kfac-pinns-experiments), which
@@ -26,9 +27,18 @@ KFAC code's `l2_error`): the root-mean-square of u_θ − u* over 10·N_Ω unifo
 drawn once with a separate seed (an absolute L² error; ‖u*‖_L² is 0.5 for the 2-D Poisson,
 ≈1.58 for the 5-D one and ≈0.32 for heat).
 
-Every problem is written per collocation point: a sample is a row
-`(coordinates…, is_condition, weight, value)` and `apply_fn(params, row)` returns that point's
-weighted residual, so `om.Problem` computes per-sample Jacobians (DESIGN §4).
+Every problem is written per collocation point, in two forms with the same cost and Jacobian:
+
+- `pointwise` (default for training): an `om.ResidualProblem` with one `om.PointSet` per group
+  (`interior`, `boundary`; heat: `interior`, `initial`, `boundary`), each with its residual
+  function of (params, point) and weight 1, so C = Σ_g (1/2N_g) Σ r² directly; fresh points
+  for `poisson5d` reach `fit` as point dicts (`Sampler.point_sets`).
+- `rows`: a per-sample `om.Problem` whose sample is a row `(coordinates…, is_condition, weight,
+  value)` and whose `apply_fn(params, row)` returns that point's weighted residual (one function
+  for every group, both branches evaluated and one selected).
+
+Both compute per-point Jacobian rows (DESIGN §4); `benchmarks/residual_step.py` times a step of
+each.
 """
 
 import argparse
@@ -174,6 +184,24 @@ def make_rows(pde: Pde, rng, sizes) -> np.ndarray:
     return np.concatenate(blocks)
 
 
+GROUP_NAMES = {"poisson2d": ("interior", "boundary"), "poisson5d": ("interior", "boundary"),
+               "heat": ("interior", "initial", "boundary")}
+
+
+def point_sets(pde: Pde, apply, groups) -> dict:
+    """`{name: om.PointSet}` for one draw of `pde.groups`: interior points get the residual
+    operator(u)(p) + v(p), condition points u(p) − u*(p); every weight 1 (C = Σ_g mean r²/2)."""
+
+    def interior(params, p):
+        return pde.operator(lambda q: apply(params, q)[0], p) + pde.source(p)
+
+    def condition(params, p):
+        return apply(params, p)[0] - pde.exact(p)
+
+    return {name: om.PointSet(condition if is_cond else interior, jnp.asarray(points))
+            for name, (points, is_cond) in zip(GROUP_NAMES[pde.name], groups)}
+
+
 def point_residual_fn(pde: Pde, apply):
     """`residual(params, row) -> (1,)`: the weighted residual of one collocation point."""
     d = pde.dim
@@ -203,6 +231,20 @@ class Sampler:
         rows = make_rows(self.pde, np.random.default_rng((self.seed, i)), self.sizes)
         return jnp.asarray(rows), jnp.zeros((rows.shape[0], 1))
 
+    def draw_sets(self, i: int) -> dict:
+        """Draw i as `{group name: points}` (the same points as `draw(i)`), for
+        `ResidualProblem.with_points` and `fit(batches=...)`."""
+        groups = self.pde.groups(np.random.default_rng((self.seed, i)), self.sizes)
+        return {name: jnp.asarray(points)
+                for name, (points, _) in zip(GROUP_NAMES[self.pde.name], groups)}
+
+    def point_sets(self) -> Iterator:
+        """Draws 1, 2, … as point dicts."""
+        i = 1
+        while True:
+            yield self.draw_sets(i)
+            i += 1
+
     def __iter__(self) -> Iterator:
         i = 1
         while True:
@@ -212,9 +254,10 @@ class Sampler:
 
 @dataclass
 class PinnBench:
-    """A PINN benchmark: the per-point `problem` (for `poisson5d`: on draw 0 of the sampler),
-    `params`, a jittable `error_fn(params)` (RMS of u_θ − u* over held-out points), `sampler`
-    (None for fixed points), the model `apply` and facts for the report."""
+    """A PINN benchmark: the per-point `problem` in the `rows` form and `residual`, the same
+    points as an `om.ResidualProblem` (for `poisson5d`: draw 0 of the sampler), `params`, a
+    jittable `error_fn(params)` (RMS of u_θ − u* over held-out points), `sampler` (None for
+    fixed points), the model `apply` and facts for the report."""
 
     name: str
     description: str
@@ -225,6 +268,22 @@ class PinnBench:
     error_fn: Callable
     sampler: Sampler | None = None
     info: dict = field(default_factory=dict)
+    residual: om.ResidualProblem | None = None
+
+    def training(self, form: str = "pointwise"):
+        """(problem, batches or None) for `om.fit` in `form` "pointwise" or "rows"."""
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        problem = self.residual if form == "pointwise" else self.problem
+        if self.sampler is None:
+            return problem, None
+        return problem, (self.sampler.point_sets() if form == "pointwise" else self.sampler)
+
+    def first_batch(self, form: str = "pointwise"):
+        return self.sampler.draw_sets(0) if form == "pointwise" else self.sampler.draw(0)
+
+
+FORMS = ("pointwise", "rows")
 
 
 def build(name: str, *, width: int, sizes, num_eval: int, resample: bool, data_seed: int = 0,
@@ -234,6 +293,8 @@ def build(name: str, *, width: int, sizes, num_eval: int, resample: bool, data_s
     params = torch_linear_init(model_seed, (pde.dim, width, 1))
     sampler = Sampler(pde, sizes, data_seed)
     rows, zeros = sampler.draw(0)  # fixed points: draw 0 is all there is
+    residual = om.ResidualProblem(point_sets(pde, apply, pde.groups(
+        np.random.default_rng((data_seed, 0)), tuple(sizes))))
     sampler = sampler if resample else None
     problem = om.Problem(point_residual_fn(pde, apply), rows, zeros)
     held_out = np.random.default_rng(eval_seed).uniform(size=(num_eval, pde.dim))
@@ -250,7 +311,8 @@ def build(name: str, *, width: int, sizes, num_eval: int, resample: bool, data_s
     info = {"width": width, "sizes": list(sizes), "num_points": int(rows.shape[0]),
             "num_params": k, "num_eval": num_eval, "resample": resample, "data_seed": data_seed,
             "model_seed": model_seed, "eval_seed": eval_seed}
-    return PinnBench(name, desc, pde, problem, params, apply, jax.jit(error_fn), sampler, info)
+    return PinnBench(name, desc, pde, problem, params, apply, jax.jit(error_fn), sampler, info,
+                     residual)
 
 
 def poisson2d(quick: bool = False) -> PinnBench:
@@ -402,14 +464,15 @@ class RunResult(NamedTuple):
 def run(bench: PinnBench, optimizer, name: str, *, max_steps: int, budget_s: float,
         record_every: int = 10, stop_error: float | None = min(THRESHOLDS),
         state_info: Callable = describe_state, on_record: Callable | None = None,
-        extra_fn: Callable | None = None) -> RunResult:
+        extra_fn: Callable | None = None, form: str = "pointwise") -> RunResult:
     """Train with `om.fit` (fresh points through `batches=` for `poisson5d`) until the error is
     ≤ `stop_error`, `budget_s` seconds of training, or `max_steps`.
 
     Compilation happens in a warm-up `fit` call before the clock starts. Every `record_every`
     steps the callback evaluates the error and the cost (on the fixed points; for `poisson5d` on
-    draw 0) and subtracts its own time from the clock."""
-    problem, sampler = bench.problem, bench.sampler
+    draw 0) and subtracts its own time from the clock. `form`: train the `pointwise`
+    `ResidualProblem` or the per-sample `rows` problem (`PinnBench.training`)."""
+    problem, sampler = bench.training(form)
     cost_fn = jax.jit(lambda p: problem.cost(p))
     kwargs = dict(progress=False)
     if sampler is None:
@@ -418,8 +481,8 @@ def run(bench: PinnBench, optimizer, name: str, *, max_steps: int, budget_s: flo
     else:
         # Three steps: a state's dtypes or weak types may change after the first update,
         # which would compile `fit`'s step again inside the timed region.
-        om.fit(problem, bench.params, optimizer, max_steps=3, batches=[sampler.draw(0)] * 3,
-               **kwargs)
+        om.fit(problem, bench.params, optimizer, max_steps=3,
+               batches=[bench.first_batch(form)] * 3, **kwargs)
     jax.block_until_ready((bench.error_fn(bench.params), cost_fn(bench.params)))
 
     records = [dict(step=0, seconds=0.0, cost=float(cost_fn(bench.params)),
@@ -513,14 +576,15 @@ METHODS = ("outmetric", "engd", "adam", "lbfgs")
 
 
 def run_problem(bench: PinnBench, *, budget_s: float, max_steps: int, quick: bool, log=print,
-                methods=METHODS) -> dict:
+                methods=METHODS, form: str = "pointwise") -> dict:
     """outmetric's default and the ENGD rule with `budget_s`; Adam (sweep) and L-BFGS with
     `BASELINE_FACTOR` × outmetric's time (`outmetric` always runs: it sets that time)."""
     rows = {}
 
     def go(opt, name, budget, steps, every, note):
         t0 = time.perf_counter()
-        r = run(bench, opt, name, max_steps=steps, budget_s=budget, record_every=every)
+        r = run(bench, opt, name, max_steps=steps, budget_s=budget, record_every=every,
+                form=form)
         row = summarize(r, budget, note)
         log(f"  {name}: {row['status']} after {row['steps']} steps, {row['seconds']:.1f} s "
             f"(wall {time.perf_counter() - t0:.0f} s); error {row['final_error']:.3g}, "
@@ -613,6 +677,9 @@ def main(argv=None) -> int:
                         help="seconds for outmetric and ENGD (default 60; quick 0.5)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="which methods (outmetric always runs)")
+    parser.add_argument("--form", choices=FORMS, default="pointwise",
+                        help="the problem trained: om.ResidualProblem (pointwise, default) or "
+                        "the per-sample om.Problem of rows")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     budget = args.budget if args.budget is not None else (0.5 if args.quick else 60.0)
@@ -620,6 +687,7 @@ def main(argv=None) -> int:
     names = args.only or ["heat", "poisson2d", "poisson5d"]
     cmd = "python -m benchmarks.pinn " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"machine": machine(), "quick": args.quick, "command": cmd.strip(),
+               "form": args.form,
                "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "thresholds": list(THRESHOLDS), "published": PUBLISHED, "problems": {}}
     start = time.perf_counter()
@@ -628,7 +696,8 @@ def main(argv=None) -> int:
         print(f"{bench.description}", flush=True)
         load = os.getloadavg()[0]
         runs = run_problem(bench, budget_s=budget, max_steps=max_steps, quick=args.quick,
-                           log=lambda s: print(s, flush=True), methods=args.methods)
+                           log=lambda s: print(s, flush=True), methods=args.methods,
+                           form=args.form)
         results["problems"][name] = {"description": bench.description, "info": bench.info,
                                      "runs": runs, "load_average": [round(load, 2), round(
                                          os.getloadavg()[0], 2)]}

@@ -39,8 +39,11 @@ from ._integrate import Trajectory as Trajectory
 from ._integrate import integrate as integrate
 from ._integrate import stopping_time as stopping_time
 from ._models import mlp as mlp
+from ._problem import AbstractProblem as AbstractProblem
 from ._problem import Problem as Problem
 from ._problem import num_parameters as num_parameters
+from ._residual import PointSet as PointSet
+from ._residual import ResidualProblem as ResidualProblem
 from ._results import RESULTS as RESULTS
 from ._sharding import shard_samples as shard_samples
 from ._solve import PRECONDITIONERS as PRECONDITIONERS

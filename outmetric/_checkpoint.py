@@ -552,8 +552,9 @@ def _in_use_message(checkpoint: str, path: str, owner) -> str:
 
 
 def model_fingerprint(problem, params) -> str:
-    """SHA-256 of the model's computation: the jaxpr of `apply_fn` on one sample (of
-    `residual_fn` for a residual problem) at the params' shapes, with its constants.
+    """SHA-256 of the model's computation: the jaxpr of the problem's model at the params'
+    shapes (`problem.model_jaxpr`: `apply_fn` on one sample, each residual function on one
+    point, or the stacked residual function), with its constants.
 
     Two models of the same parameter shapes that compute different functions differ here; the
     parameter and data values do not enter. Traced from shapes only, so nothing is evaluated.
@@ -566,13 +567,7 @@ def model_fingerprint(problem, params) -> str:
 
     params_spec = jax.tree_util.tree_map(lambda a: spec(a, np.shape(a)), params)
     try:
-        if problem.residual_fn is not None:
-            closed = jax.make_jaxpr(problem.residual_fn)(params_spec)
-        else:
-            lead = (1,) if problem.batched else ()  # one sample, as apply_fn sees it
-            sample = jax.tree_util.tree_map(lambda a: spec(a, lead + tuple(np.shape(a)[1:])),
-                                            problem.inputs)
-            closed = jax.make_jaxpr(problem.apply_fn)(params_spec, sample)
+        closed = problem.model_jaxpr(params_spec)
     except Exception:
         return ""
     digest = hashlib.sha256(re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr)).encode())

@@ -32,7 +32,7 @@ from ._checkpoint import (
 )
 from ._errors import NonFiniteError
 from ._masking import discards_upstream
-from ._problem import Problem, check_params, nonfinite_cost_message, static_real
+from ._problem import AbstractProblem, check_params, nonfinite_cost_message, static_real
 from ._results import RESULTS
 from ._transform import (
     GRADIENT_FREE,
@@ -270,7 +270,7 @@ def _is_positive_int(value) -> bool:
 
 
 def fit(
-    problem: Problem,
+    problem: AbstractProblem,
     params: PyTree,
     optimizer: optax.GradientTransformation | None = None,
     *,
@@ -279,7 +279,7 @@ def fit(
     callback: Callable[[int, PyTree, Any, float], Any] | None = None,
     progress: bool = True,
     chunk_size: int | None = None,
-    batches: Iterable | None = None,
+    batches: Iterable | Callable | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = True,
@@ -303,8 +303,14 @@ def fit(
     - `progress`: show a tqdm bar.
     - `chunk_size`: steps per compiled chunk (default 10, or 100 without a progress bar,
       callback or checkpoints); the host checks in between.
-    - `batches`: an iterable of `(inputs, targets)` mini-batches for the stochastic adapted
-      method: one step (one solve) per batch on `problem.with_data(inputs, targets)`.
+    - `batches`: new data, one step (one solve) per batch on `problem.with_batch(batch)`. For a
+      `Problem`: an iterable of `(inputs, targets)` mini-batches (the stochastic adapted method,
+      on `problem.with_data(inputs, targets)`). For a `ResidualProblem`: fresh collocation
+      points, as an iterable of ``{name: points}`` dicts, or a sampler, a callable
+      ``sampler(key) -> {name: points}`` called before step i with
+      ``jax.random.fold_in(jax.random.key(0), i)`` (fold your own seed into the key inside the
+      sampler to vary the draws); sets left out keep their points. Points of the same shapes
+      do not recompile the step.
     - `checkpoint_dir`: a folder (created if missing) where ``checkpoint.npz`` holds params,
       optimizer state, step count and cost history. It is written atomically (temporary file,
       then rename) every `checkpoint_every` steps, when the run ends (also by `NonFiniteError`)
@@ -316,7 +322,7 @@ def fit(
       continued run is the same computation: its parameters and cost history equal those of an
       uninterrupted run bit for bit (on the same machine and JAX version). With `batches`, the
       first `step` batches of the iterable are skipped, so it must yield the same sequence
-      again. A checkpoint written with another model, optimizer state layout or data
+      again (a sampler is simply called with the keys of the remaining steps). A checkpoint written with another model, optimizer state layout or data
       (inputs, targets, loss: a SHA-256 of them is stored) is a `CheckpointError`; changed
       optimizer hyperparameters with the same state layout cannot be detected.
       `resume=False` starts afresh and overwrites the checkpoint.
@@ -331,6 +337,7 @@ def fit(
     """
     check_problem(problem)
     check_params(params)
+    problem.size_from(params)
     if optimizer is None:
         optimizer = _default_optimizer()
     if not isinstance(optimizer, optax.GradientTransformation):
@@ -347,9 +354,10 @@ def fit(
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False, got {progress!r}")
     if batches is not None and (isinstance(batches, (str, bytes))
-                                or not hasattr(batches, "__iter__")):
-        raise TypeError("batches must be an iterable of (inputs, targets) pairs, got "
-                        f"{type(batches).__name__}")
+                                or not (hasattr(batches, "__iter__") or callable(batches))):
+        raise TypeError("batches must be an iterable of (inputs, targets) pairs (for a "
+                        "ResidualProblem: of {name: points} dicts, or a sampler key -> dict), "
+                        f"got {type(batches).__name__}")
     checkpoint = _checkpoint_path(checkpoint_dir, checkpoint_every, resume)
     max_steps = int(max_steps)
     use_grad = _uses_gradient(optimizer)
@@ -394,13 +402,14 @@ def fit(
                    use_grad, checkpoint, every)
 
 
-def _data_fingerprint(problem: Problem, params: PyTree, batches) -> dict[str, str]:
+def _data_fingerprint(problem: AbstractProblem, params: PyTree, batches) -> dict[str, str]:
     """What a checkpoint must have been written by to be resumed: `data_fingerprint`, SHA-256 of
     the loss, the shapes and dtypes and (where this host can read them) the bytes of the inputs
     and targets; `model_fingerprint`, of the model's jaxpr (`model_fingerprint`); `mode`,
     full-batch or mini-batch."""
-    digest = hashlib.sha256(f"{problem.loss}|{problem.batched}".encode())
-    for leaf in jax.tree_util.tree_leaves((problem.inputs, problem.targets)):
+    layout, data = problem.fingerprint_parts()
+    digest = hashlib.sha256(layout.encode())
+    for leaf in jax.tree_util.tree_leaves(data):
         digest.update(f"{jnp.shape(leaf)}|{jnp.asarray(leaf).dtype}".encode())
         if getattr(leaf, "is_fully_addressable", True):
             digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
@@ -470,7 +479,7 @@ def _final_save(checkpoint, snap: _Progress, saved_at: int, result: FitResult) -
             "error.result holds the trained result", result) from err
 
 
-def _warn_rank_loss(problem: Problem, result: FitResult) -> None:
+def _warn_rank_loss(problem: AbstractProblem, result: FitResult) -> None:
     """A `RuntimeWarning` when solves of this run fell back to the rank-revealing SVD."""
     if result.fallback_steps == 0:
         return
@@ -505,7 +514,7 @@ def _progress_bar(progress: bool, total: int, initial: int, unit: str):
     return tqdm(total=total, initial=initial, desc="fit", unit=unit)
 
 
-def _overflow_message(problem: Problem, params: PyTree, step: int) -> str:
+def _overflow_message(problem: AbstractProblem, params: PyTree, step: int) -> str:
     dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
     return (f"fit: at step {step} the Jacobian D = dx/dθ is finite but its squares overflow "
             f"{dtype} (the Gram matrix or the squared column norms of D are inf): the model "
@@ -515,7 +524,7 @@ def _overflow_message(problem: Problem, params: PyTree, step: int) -> str:
             "). error.result holds the last parameters and their optimizer state")
 
 
-def _no_progress(problem: Problem, result: FitResult, eps) -> FitResult:
+def _no_progress(problem: AbstractProblem, result: FitResult, eps) -> FitResult:
     """A run of updates that never lowered the cost (every trial step rejected) is not silent:
     a `RuntimeWarning` when it did not converge, or when the targets dwarf the model's outputs
     (then a convergence test that fired on rejected trials is no convergence: `stalled`)."""
@@ -526,7 +535,7 @@ def _no_progress(problem: Problem, result: FitResult, eps) -> FitResult:
             or (eps is not None and costs[-1] <= eps)):
         return result
     hint = ""
-    if problem.residual_fn is None:
+    if problem.per_sample:  # data with targets (a residual problem's targets are zero)
         outputs = np.abs(np.asarray(_outputs(problem, result.params)))
         targets = np.abs(np.asarray(problem.targets, float))
         ratio = np.max(targets) / max(np.max(outputs), np.finfo(float).tiny)
@@ -690,27 +699,30 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
     converged = stopped = False
     failure = None
     last_cost = None
-    iterator = iter(batches)
-    first = next(iterator, None)
-    if first is None:
-        raise ValueError("batches is empty: it yielded no (inputs, targets) pair, so there is "
-                         "nothing to train on (a generator that was already consumed?)")
-    iterator = itertools.chain([first], iterator)
+    if callable(batches) and not hasattr(batches, "__iter__"):  # a sampler: key of step i
+        base = jax.random.key(0)
+        iterator = (batches(jax.random.fold_in(base, i)) for i in itertools.count(snap.step))
+        skip = 0
+    else:
+        iterator, skip = iter(batches), snap.step
+        first = next(iterator, None)
+        if first is None:
+            raise ValueError("batches is empty: it yielded nothing, so there is nothing to "
+                             "train on (a generator that was already consumed?)")
+        iterator = itertools.chain([first], iterator)
     bar = _progress_bar(progress, max_steps, snap.step, "batch")
     try:
-        for _ in range(snap.step):  # a resumed run skips the batches already trained on
+        for _ in range(skip):  # a resumed run skips the batches already trained on
             if next(iterator, None) is None:
                 raise CheckpointError(
                     f"resuming at step {snap.step}, but batches ended before that: pass the "
                     "same sequence of batches as the interrupted run")
-        for batch in iterator:
-            if snap.step >= max_steps:
+        end = object()
+        while snap.step < max_steps:  # (no batch is drawn past the budget)
+            batch = next(iterator, end)
+            if batch is end:
                 break
-            try:
-                inputs, targets = batch
-            except (TypeError, ValueError):
-                raise TypeError("batches must yield (inputs, targets) pairs") from None
-            batch_problem = problem.with_data(inputs, targets)
+            batch_problem = problem.with_batch(batch)
             (cost, new_params, new_state, params_ok, fallback, rank, sigma, solve_ok,
              code) = _batch_step(optimizer, batch_problem, snap.params, snap.state, use_grad)
             cost = float(cost)

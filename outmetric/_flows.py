@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
-from ._problem import Problem, _check_finite, check_params, static_real
+from ._problem import AbstractProblem, Problem, _check_finite, check_params, static_real
 from ._solve import (
     check_solver_name,
     linearize,

@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._integrate import Trajectory
-from ._problem import Problem, check_params
+from ._problem import AbstractProblem, Problem, check_params
 from ._solve import (
     SOLVERS,
     default_rtol,

@@ -54,7 +54,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
 from ._problem import (
-    Problem,
+    AbstractProblem,
     check_chunk_size,
     check_params,
     map_sample_chunks,
@@ -97,9 +97,10 @@ class _Analysis(NamedTuple):
 def _check_problem_params(problem, params):
     check_problem(problem)
     check_params(params)
+    problem.size_from(params)
 
 
-def _trace_sample(problem: Problem, leaves, treedef):
+def _trace_sample(problem: AbstractProblem, leaves, treedef):
     """The jaxpr of one sample's outputs as a function of (param leaves, input leaves)."""
     spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))  # noqa: E731
     leaf_specs = [spec(leaf) for leaf in leaves]
@@ -112,9 +113,10 @@ def _trace_sample(problem: Problem, leaves, treedef):
     return jax.make_jaxpr(sample)(leaf_specs, u_spec)
 
 
-def _analyse(problem: Problem, params: PyTree) -> _Analysis | None:
-    """Match dense layers in the per-sample jaxpr (module docstring); None for residual problems."""
-    if problem.residual_fn is not None:
+def _analyse(problem: AbstractProblem, params: PyTree) -> _Analysis | None:
+    """Match dense layers in the per-sample jaxpr (module docstring); None for kinds without a
+    per-sample model (`problem.per_sample` False: the residual kinds)."""
+    if not problem.per_sample:
         return None
     leaves, treedef = jax.tree_util.tree_flatten(params)
     closed = _trace_sample(problem, leaves, treedef)
@@ -229,7 +231,7 @@ def _evaluate_tapped(analysis: _Analysis, args, taps):
     return read(jaxpr.outvars[0]), acts
 
 
-def _features(problem: Problem, params: PyTree, analysis: _Analysis, chunk_size):
+def _features(problem: AbstractProblem, params: PyTree, analysis: _Analysis, chunk_size):
     """Per-sample activations A_l (N, m_l), signals Δ_l (N, Q, n_l), generic rows (N, Q, K_r)."""
     leaves = jax.tree_util.tree_leaves(params)
     generic_values = [leaves[i] for i in analysis.generic]
@@ -261,11 +263,12 @@ def _features(problem: Problem, params: PyTree, analysis: _Analysis, chunk_size)
                              chunk_size)
 
 
-def gram_structure(problem: Problem, params: PyTree) -> GramStructure:
+def gram_structure(problem: AbstractProblem, params: PyTree) -> GramStructure:
     """Which parameters of `problem`'s model `structured_gram` treats as dense layers.
 
     Reads the jaxpr of one sample's forward pass (see the module docstring for the rules).
-    Problems built with `Problem.from_residual` have no per-sample model: nothing is matched.
+    Kinds without a per-sample model (`ResidualProblem`, `Problem.from_residual`): nothing is
+    matched.
     """
     _check_problem_params(problem, params)
     num_params = int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
@@ -286,7 +289,7 @@ def gram_structure(problem: Problem, params: PyTree) -> GramStructure:
     return GramStructure(tuple(lines), covered, num_params)
 
 
-def structured_gram(problem: Problem, params: PyTree, *, chunk_size: int | None = None
+def structured_gram(problem: AbstractProblem, params: PyTree, *, chunk_size: int | None = None
                     ) -> tuple[Float[Array, "N Q"], Float[Array, "M M"]]:
     r"""Outputs x and the Gram matrix $DD^\top$ ($M\times M$, $M = QN$) from the layer structure.
 
@@ -308,8 +311,8 @@ def structured_gram(problem: Problem, params: PyTree, *, chunk_size: int | None 
     _check_problem_params(problem, params)
     check_chunk_size(chunk_size)
     analysis = _analyse(problem, params)
-    if analysis is None:  # residual problems: no per-sample structure
-        x, jac = problem.linearize(params)
+    if analysis is None:  # no per-sample model: the Gram from D
+        x, jac = problem.linearize(params, chunk_size=chunk_size)
         return x, jac @ jac.T
     x, acts, deltas, generic_rows = _features(problem, params, analysis, chunk_size)
     num_n, num_q = problem.num_samples, problem.output_dim
@@ -326,19 +329,20 @@ def structured_gram(problem: Problem, params: PyTree, *, chunk_size: int | None 
     return x, gram
 
 
-def jacobian_gram(problem: Problem, params: PyTree, *, wide: bool = True,
+def jacobian_gram(problem: AbstractProblem, params: PyTree, *, wide: bool = True,
                   chunk_size: int | None = None) -> Float[Array, "n n"]:
     r"""The Gram matrix $DD^\top$ (`wide=True`, $M\times M$) or $D^\top D$ (`wide=False`, $K\times K$).
 
     Without `chunk_size`, D is formed once and multiplied out. With it, D is never held whole:
     $DD^\top$ is assembled from tiles $D_aD_b^\top$ of strided sample chunks a ≤ b (recomputing
     chunk b's Jacobian for every a), and $D^\top D = \sum_a D_a^\top D_a$ in one pass (module
-    docstring). Problems built with `Problem.from_residual` ignore `chunk_size`.
+    docstring). Kinds without a per-sample model (`problem.per_sample` False) form D whole,
+    their own `linearize` using `chunk_size` for its autodiff intermediates.
     """
     _check_problem_params(problem, params)
     check_chunk_size(chunk_size)
-    if chunk_size is None or chunk_size >= problem.num_samples or problem.residual_fn is not None:
-        _, jac = problem.linearize(params)
+    if chunk_size is None or chunk_size >= problem.num_samples or not problem.per_sample:
+        _, jac = problem.linearize(params, chunk_size=chunk_size)
         return jac @ jac.T if wide else jac.T @ jac
     flat, unravel = ravel_pytree(params)
     num_k, num_q, num_n = flat.shape[0], problem.output_dim, problem.num_samples
@@ -382,7 +386,7 @@ def jacobian_gram(problem: Problem, params: PyTree, *, wide: bool = True,
     return gram[: num_n * num_q, : num_n * num_q] if padded > num_n * num_q else gram
 
 
-def gram_diagonal(problem: Problem, params: PyTree, *, wide: bool = True,
+def gram_diagonal(problem: AbstractProblem, params: PyTree, *, wide: bool = True,
                   chunk_size: int | None = None) -> Float[Array, " n"]:
     r"""The diagonal of $DD^\top$ (`wide`: squared row norms, length M) or of $D^\top D$
     (squared column norms, length K), from per-sample Jacobians `chunk_size` samples at a time.
@@ -393,8 +397,8 @@ def gram_diagonal(problem: Problem, params: PyTree, *, wide: bool = True,
     _check_problem_params(problem, params)
     check_chunk_size(chunk_size)
     flat, unravel = ravel_pytree(params)
-    if problem.residual_fn is not None:
-        _, jac = problem.linearize(params)
+    if not problem.per_sample:
+        _, jac = problem.linearize(params, chunk_size=chunk_size)
         return jnp.sum(jac**2, axis=1 if wide else 0)
 
     def sq(u):
@@ -405,7 +409,7 @@ def gram_diagonal(problem: Problem, params: PyTree, *, wide: bool = True,
     return out.reshape(-1) if wide else jnp.sum(out, axis=0)
 
 
-def gram_matrix(problem: Problem, params: PyTree, *, method: str = "auto",
+def gram_matrix(problem: AbstractProblem, params: PyTree, *, method: str = "auto",
                 chunk_size: int | None = None) -> Float[Array, "M M"]:
     r"""The empirical NTK Gram matrix $DD^\top \in \mathbb{R}^{M\times M}$, $M = QN$.
 
@@ -426,13 +430,13 @@ def gram_matrix(problem: Problem, params: PyTree, *, method: str = "auto",
     return jacobian_gram(problem, params, wide=True, chunk_size=chunk_size)
 
 
-def has_dense_layers(problem: Problem, params: PyTree) -> bool:
+def has_dense_layers(problem: AbstractProblem, params: PyTree) -> bool:
     """Whether `gram_structure` matches at least one dense layer (cheap: one trace, no compute)."""
     analysis = _analyse(problem, params)
     return analysis is not None and len(analysis.layers) > 0
 
 
-def structured_flops(problem: Problem, params: PyTree) -> int | None:
+def structured_flops(problem: AbstractProblem, params: PyTree) -> int | None:
     r"""Multiply-adds of `structured_gram`'s products, $M^2\sum_l n_l + N^2\sum_l m_l + M^2K_r$,
     against $M^2K$ for $DD^\top$ from D; None when no dense layer is matched."""
     analysis = _analyse(problem, params)

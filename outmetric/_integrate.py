@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, PyTree
 
 from ._errors import NonFiniteError
 from ._flows import AbstractFlow, adapted_flow
-from ._problem import Problem, check_params, nonfinite_cost_message, static_real
+from ._problem import AbstractProblem, Problem, check_params, nonfinite_cost_message, static_real
 from ._solve import output_metric_gradient
 from ._validation import check_problem
 
@@ -236,6 +236,7 @@ def integrate(
     """
     check_problem(problem)
     check_params(params)
+    problem.size_from(params)
     if eps is None and t1 is None:
         raise ValueError("integrate needs eps (to use the a priori stopping time) or t1")
     if eps is not None and (not _is_real(eps) or not eps > 0 or not math.isfinite(eps)):

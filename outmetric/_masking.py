@@ -16,6 +16,7 @@ import optax
 from jaxtyping import PyTree
 
 from ._problem import Problem
+from ._residual import PointSet, ResidualProblem, StackedResidualProblem
 
 
 def _is_masked(x) -> bool:
@@ -49,10 +50,14 @@ def unmasked_problem(problem: Problem, params: PyTree, extra_args: dict, name: s
         return jax.tree_util.tree_map(lambda t, f: f if _is_masked(t) else t, trained, full,
                                       is_leaf=_is_masked)
 
-    if problem.residual_fn is not None:
+    if isinstance(problem, StackedResidualProblem):
         residual_fn = problem.residual_fn
-        return Problem.from_residual(lambda p: residual_fn(merge(p)),
-                                     num_residuals=problem.num_samples)
+        return StackedResidualProblem(lambda p: residual_fn(merge(p)), problem.num_samples)
+    if isinstance(problem, ResidualProblem):
+        return ResidualProblem({
+            name: PointSet(lambda p, x, fn=s.residual_fn: fn(merge(p), x), s.points, s.weight,
+                           num_outputs=s.num_outputs)
+            for name, s in zip(problem.names, problem.sets)})
     apply_fn = problem.apply_fn
     return Problem(lambda p, u: apply_fn(merge(p), u), problem.inputs, problem.targets,
                    loss=problem.loss, batched=problem.batched,

@@ -1,14 +1,19 @@
-"""`Problem`: a model, its training data and an output-space loss.
+"""Problems: the bottom layer. `AbstractProblem` is the interface every kind of problem offers;
+`Problem` is the per-sample kind (a model, its training data and an output-space loss).
 
-A `Problem` turns parameters θ (any pytree of float arrays) into the quantities of DESIGN §1:
+Every kind turns parameters θ (any pytree of float arrays) into the quantities of DESIGN §1:
 outputs x(θ) of shape ``(N, Q)``, the cost C(θ), its output gradient ∇ₓC, and the output
 Jacobian D(θ) of shape ``(N*Q, K)`` (rows sample-major, columns in `ravel_pytree` order), plus
 the Jacobian-vector and vector-Jacobian products the matrix-free solvers use. Nothing here
-solves anything: that is `outmetric._solve`.
+solves anything: that is `outmetric._solve`. The residual kinds (`outmetric.ResidualProblem`,
+per collocation point, and the stacked residual vector of `Problem.from_residual`) live in
+`outmetric._residual`.
 """
 
+import abc
+
 import numbers
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import equinox as eqx
 import jax
@@ -130,7 +135,109 @@ def _check_data_dtype(name: str, leaf) -> None:
                         f"which the fit would then match; cast with {name}.astype(jnp.float32)")
 
 
-class Problem(eqx.Module):
+class AbstractProblem(eqx.Module):
+    r"""The interface the solve, the flows, the optimizers, `fit` and the geometry use.
+
+    A problem maps parameters θ to outputs x(θ) of shape ``(N, Q)`` with targets y and a loss,
+    so that $C(\theta)$, $\nabla_x C$ and the output Jacobian D(θ) (``(N*Q, K)``, rows
+    sample-major) are defined (DESIGN §1). The kinds:
+
+    - `Problem`: a model applied per sample, $x_j = f(\theta, u_j)$, with data (inputs, targets).
+    - `ResidualProblem`: named sets of collocation points, each with a residual function of
+      (params, point) and a weight (PINNs); rows are the weighted residuals, targets zero.
+    - the stacked residual vector of `Problem.from_residual` (curve fits, test functions).
+
+    A kind implements `num_samples`, `outputs`, `linearize`, `with_batch`, `model_jaxpr` and
+    `fingerprint_parts`; cost, output gradient, Jacobian, JVP and VJP follow from them here.
+    `per_sample` says whether the outputs come from one per-sample model on inputs with a
+    leading sample axis (`inputs`, `_sample_output`, `_sample_jacobian`): only then do the
+    structured and sample-chunked Gram matrices and `shard_samples` apply.
+
+    For backward compatibility every kind is also an instance of `Problem`
+    (``isinstance(Problem.from_residual(f), om.Problem)`` stays true).
+    """
+
+    targets: eqx.AbstractVar[Float[Array, "N Q"]]
+    loss: eqx.AbstractVar[str]
+    per_sample: ClassVar[bool] = False
+
+    def __hash__(self):
+        raise TypeError(
+            f"an outmetric.{type(self).__name__} holds arrays and cannot be hashed, so "
+            "jax.jit(problem.cost) cannot treat problem.cost as a static function: use "
+            "eqx.filter_jit(problem.cost) (bound methods of equinox modules are pytrees), "
+            f"jax.jit({type(self).__name__}.cost)(problem, params), or "
+            "jax.jit(lambda p: problem.cost(p))")
+
+    # ------------------------------------------------------------------ what a kind defines
+
+    @property
+    @abc.abstractmethod
+    def num_samples(self) -> int:
+        """N, the number of samples (rows of x)."""
+
+    @property
+    def output_dim(self) -> int:
+        """Q, the output dimension of one sample."""
+        return self.targets.shape[1]
+
+    @abc.abstractmethod
+    def outputs(self, params: PyTree) -> Float[Array, "N Q"]:
+        """All outputs x(θ), shape ``(N, Q)``."""
+
+    @abc.abstractmethod
+    def linearize(self, params: PyTree, *, chunk_size: int | None = None
+                  ) -> tuple[Float[Array, "N Q"], Float[Array, "NQ K"]]:
+        """Outputs x(θ) and the output Jacobian D(θ) (``(N*Q, K)``) together."""
+
+    @abc.abstractmethod
+    def with_batch(self, batch: Any) -> "AbstractProblem":
+        """The same problem on the next batch `fit(batches=...)` yields (new data, same model)."""
+
+    @abc.abstractmethod
+    def model_jaxpr(self, params_spec: PyTree):
+        """The ClosedJaxpr of the model at parameter shapes `params_spec` (what a checkpoint's
+        model fingerprint hashes)."""
+
+    @abc.abstractmethod
+    def fingerprint_parts(self) -> tuple[str, PyTree]:
+        """(a description of the loss and layout, the data arrays): what a checkpoint's data
+        fingerprint hashes."""
+
+    def size_from(self, params: PyTree) -> None:
+        """Fix sizes that are read from an evaluation (the stacked residual kind's m), by
+        tracing `outputs` at `params`' shapes; a no-op for kinds sized by their data. Entry
+        points that take params call it first."""
+
+    # ------------------------------------------------------------------ common to every kind
+
+    def cost(self, params: PyTree) -> Float[Array, ""]:
+        """C(θ); for L², (1/2N) Σ_j ‖x_j − y_j‖²."""
+        return self.cost_from_outputs(self.outputs(params))
+
+    def cost_from_outputs(self, x: Float[Array, "N Q"]) -> Float[Array, ""]:
+        """C as a function of the outputs x."""
+        return get_loss(self.loss).cost(x, self.targets.astype(x.dtype))
+
+    def output_gradient(self, x: Float[Array, "N Q"]) -> Float[Array, "N Q"]:
+        """∇ₓC at outputs x; for L², (x − y)/N."""
+        return get_loss(self.loss).output_gradient(x, self.targets.astype(x.dtype))
+
+    def jacobian(self, params: PyTree) -> Float[Array, "NQ K"]:
+        """The output Jacobian D(θ), shape ``(N*Q, K)``; see `linearize`."""
+        return self.linearize(params)[1]
+
+    def jvp(self, params: PyTree, tangent: PyTree) -> Float[Array, "N Q"]:
+        """D(θ)·v for a tangent pytree v shaped like params; one forward-mode pass."""
+        return jax.jvp(self.outputs, (params,), (tangent,))[1]
+
+    def vjp(self, params: PyTree, cotangent: Float[Array, "N Q"]) -> PyTree:
+        """D(θ)ᵀ·w for output cotangents w of shape ``(N, Q)``; one reverse pass."""
+        _, pullback = jax.vjp(self.outputs, params)
+        return pullback(cotangent)[0]
+
+
+class Problem(AbstractProblem):
     r"""A least-squares (or cross-entropy) training problem in output space.
 
     **Arguments:**
@@ -167,8 +274,8 @@ class Problem(eqx.Module):
     apply_fn: Callable = eqx.field(static=True)
     loss: str = eqx.field(static=True)
     batched: bool = eqx.field(static=True)
-    residual_fn: Callable | None = eqx.field(static=True)
     label_smoothing: float = eqx.field(static=True)
+    per_sample: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -180,10 +287,9 @@ class Problem(eqx.Module):
         batched: bool = False,
         num_classes: int | None = None,
         label_smoothing: float = 0.01,
-        residual_fn: Callable | None = None,
     ):
         get_loss(loss)
-        if residual_fn is None and not callable(apply_fn):
+        if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
         if not isinstance(batched, bool):
             raise TypeError(f"batched must be True or False, got {batched!r}")
@@ -196,21 +302,20 @@ class Problem(eqx.Module):
         num_samples = targets.shape[0]
         if num_samples == 0:
             raise ValueError("targets is empty: a problem needs at least one sample")
-        if residual_fn is None:
-            leaves = jax.tree_util.tree_leaves(inputs)
-            if not leaves:
-                raise ValueError("inputs is empty: a problem needs at least one sample")
-            for leaf in leaves:
-                if not _is_numeric(leaf):
-                    raise TypeError(f"inputs must hold numeric arrays, got {_describe(leaf)}")
-                _check_data_dtype("inputs", leaf)
-                shape = jnp.shape(leaf)
-                if len(shape) == 0 or shape[0] != num_samples:
-                    raise ValueError(
-                        f"inputs and targets have different numbers of samples: inputs has "
-                        f"leading shape {shape[:1]}, targets has {num_samples}"
-                    )
-            _check_finite("inputs", inputs)
+        leaves = jax.tree_util.tree_leaves(inputs)
+        if not leaves:
+            raise ValueError("inputs is empty: a problem needs at least one sample")
+        for leaf in leaves:
+            if not _is_numeric(leaf):
+                raise TypeError(f"inputs must hold numeric arrays, got {_describe(leaf)}")
+            _check_data_dtype("inputs", leaf)
+            shape = jnp.shape(leaf)
+            if len(shape) == 0 or shape[0] != num_samples:
+                raise ValueError(
+                    f"inputs and targets have different numbers of samples: inputs has "
+                    f"leading shape {shape[:1]}, targets has {num_samples}"
+                )
+        _check_finite("inputs", inputs)
         if num_classes is not None and (isinstance(num_classes, (bool, np.bool_)) or not isinstance(
                 num_classes, (int, np.integer)) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -265,56 +370,49 @@ class Problem(eqx.Module):
         self.apply_fn = apply_fn
         self.loss = loss
         self.batched = batched
-        self.residual_fn = residual_fn
         self.label_smoothing = label_smoothing
 
-    def __hash__(self):
-        raise TypeError(
-            "an outmetric.Problem holds arrays and cannot be hashed, so jax.jit(problem.cost) "
-            "cannot treat problem.cost as a static function: use eqx.filter_jit(problem.cost) "
-            "(bound methods of equinox modules are pytrees), jax.jit(Problem.cost)(problem, "
-            "params), or jax.jit(lambda p: problem.cost(p))")
+    @classmethod
+    def __subclasshook__(cls, subclass):
+        # Every kind answers isinstance(..., Problem), as every problem did before the kinds
+        # were split: code written against om.Problem (and checks for it) takes them all.
+        # (equinox forbids ABCMeta.register; this is the other standard hook.)
+        if cls is Problem and AbstractProblem in getattr(subclass, "__mro__", ()):
+            return True
+        return NotImplemented
 
     @classmethod
     def from_residual(cls, residual_fn: Callable[[PyTree], Array], num_residuals: int | None = None,
-                      example_params: PyTree | None = None) -> "Problem":
+                      example_params: PyTree | None = None) -> "AbstractProblem":
         r"""A general least-squares problem $C(\theta) = \frac{1}{2m}\|r(\theta)\|^2$.
 
         `residual_fn(params) -> (m,)`; each residual entry is one output with target 0, so
-        N = m and Q = 1. Serves curve fitting, PDE residuals (PINNs) and classic test problems.
-        Give `num_residuals`, or `example_params` from which it is read by `jax.eval_shape`.
+        N = m and Q = 1. Serves curve fitting and classic test problems. The Jacobian is that
+        of the stacked vector r (m reverse passes, or K forward ones); for residuals written per
+        collocation point use `outmetric.ResidualProblem`, whose Jacobian rows cost one point
+        each.
+
+        m is read from the first evaluation (`outputs`, `cost`, `linearize`, ...; `fit`,
+        `integrate` and the Gram functions do it first, through `size_from(params)`, which
+        traces without computing), so ``Problem.from_residual(fn)`` needs nothing else.
+        `num_residuals`, or `example_params` from which m is read by `jax.eval_shape`, size it
+        at once; give one of them (or call `problem.size_from(params)`) when the problem goes
+        straight into ``output_metric_descent().update`` or `output_metric_gradient`, which
+        read N before they evaluate anything.
         """
-        if not callable(residual_fn):
-            raise TypeError(f"residual_fn must be callable, got {type(residual_fn).__name__}")
-        if num_residuals is None:
-            if example_params is None:
-                raise ValueError("from_residual needs num_residuals or example_params")
-            shape = jax.eval_shape(residual_fn, example_params).shape
-            if len(shape) != 1:
-                raise ValueError(f"residual_fn must return shape (m,), got {shape}")
-            num_residuals = shape[0]
-        if (isinstance(num_residuals, bool) or not isinstance(num_residuals, (int, np.integer))
-                or num_residuals < 1):
-            raise ValueError(f"num_residuals must be a positive integer, got {num_residuals!r}")
-        targets = jnp.zeros((int(num_residuals), 1))
-        return cls(None, None, targets, residual_fn=residual_fn)
+        from ._residual import StackedResidualProblem  # the residual kinds build on this module
+
+        return StackedResidualProblem(residual_fn, num_residuals, example_params)
 
     # ------------------------------------------------------------------ sizes and data
 
     @property
     def num_samples(self) -> int:
-        """N, the number of samples (residuals for `from_residual`)."""
+        """N, the number of samples."""
         return self.targets.shape[0]
-
-    @property
-    def output_dim(self) -> int:
-        """Q, the output dimension of one sample."""
-        return self.targets.shape[1]
 
     def with_data(self, inputs: PyTree[Array], targets: Array) -> "Problem":
         """The same model and loss on other data (a mini-batch, say), validated like `__init__`."""
-        if self.residual_fn is not None:
-            raise ValueError("a residual problem has no data to replace")
         return Problem(
             self.apply_fn,
             inputs,
@@ -324,6 +422,29 @@ class Problem(eqx.Module):
             num_classes=self.output_dim,
             label_smoothing=self.label_smoothing,
         )
+
+    def with_batch(self, batch) -> "Problem":
+        """`with_data(inputs, targets)` for a batch ``(inputs, targets)``."""
+        try:
+            inputs, targets = batch
+        except (TypeError, ValueError):
+            raise TypeError("batches must yield (inputs, targets) pairs") from None
+        return self.with_data(inputs, targets)
+
+    def model_jaxpr(self, params_spec: PyTree):
+        """The jaxpr of `apply_fn` on one sample (a batch of one with `batched=True`)."""
+
+        def spec(a):
+            lead = (1,) if self.batched else ()
+            dtype = getattr(a, "dtype", None)
+            return jax.ShapeDtypeStruct(lead + tuple(np.shape(a)[1:]),
+                                        np.asarray(a).dtype if dtype is None else dtype)
+
+        sample = jax.tree_util.tree_map(spec, self.inputs)
+        return jax.make_jaxpr(self.apply_fn)(params_spec, sample)
+
+    def fingerprint_parts(self) -> tuple[str, PyTree]:
+        return f"{self.loss}|{self.batched}", (self.inputs, self.targets)
 
     # ------------------------------------------------------------------ outputs and cost
 
@@ -386,34 +507,11 @@ class Problem(eqx.Module):
     def outputs(self, params: PyTree) -> Float[Array, "N Q"]:
         """All outputs x(θ), shape ``(N, Q)``."""
         check_params(params)
-        if self.residual_fn is not None:
-            r = self.residual_fn(params)
-            if not hasattr(r, "shape"):
-                raise TypeError(f"residual_fn returned a {type(r).__name__}; it must return one "
-                                f"array of shape ({self.num_samples},)")
-            if r.shape != (self.num_samples,):
-                raise ValueError(
-                    f"residual_fn returned shape {r.shape}; expected ({self.num_samples},)"
-                )
-            dtype = params_dtype(params)
-            return (r if r.dtype == dtype else r.astype(dtype))[:, None]
         if self.batched:
             dtype = params_dtype(params)
             return self._check_sample_output(self.apply_fn(params, inputs_in(dtype, self.inputs)),
                                              self.num_samples, dtype)
         return jax.vmap(self._sample_output, in_axes=(None, 0))(params, self.inputs)
-
-    def cost(self, params: PyTree) -> Float[Array, ""]:
-        """C(θ); for L², (1/2N) Σ_j ‖x_j − y_j‖²."""
-        return self.cost_from_outputs(self.outputs(params))
-
-    def cost_from_outputs(self, x: Float[Array, "N Q"]) -> Float[Array, ""]:
-        """C as a function of the outputs x."""
-        return get_loss(self.loss).cost(x, self.targets.astype(x.dtype))
-
-    def output_gradient(self, x: Float[Array, "N Q"]) -> Float[Array, "N Q"]:
-        """∇ₓC at outputs x; for L², (x − y)/N."""
-        return get_loss(self.loss).output_gradient(x, self.targets.astype(x.dtype))
 
     # ------------------------------------------------------------------ derivatives
 
@@ -422,27 +520,18 @@ class Problem(eqx.Module):
         """Outputs x(θ) and the output Jacobian D(θ) together, in one pass.
 
         D has shape ``(N*Q, K)``: row ``j*Q + q`` is ∂x_{j,q}/∂θ, columns in `ravel_pytree`
-        order. For per-sample models it is computed **per sample** (vmap of a per-sample
-        Jacobian: Q reverse passes, or K forward passes when K < Q, for each sample), never by
-        differentiating the stacked batch function, which costs N times more (DESIGN §4).
+        order. It is computed **per sample** (vmap of a per-sample Jacobian: Q reverse passes,
+        or K forward passes when K < Q, for each sample), never by differentiating the stacked
+        batch function, which costs N times more (DESIGN §4).
 
         `chunk_size` (a positive int) computes the per-sample Jacobians `chunk_size` samples at a
         time (`map_sample_chunks`), so the autodiff intermediates of only one chunk are alive;
-        D itself is still returned whole. Ignored by `from_residual` problems.
+        D itself is still returned whole.
         """
         check_chunk_size(chunk_size)
         check_params(params)
         flat, unravel = ravel_pytree(params)
         num_params = flat.shape[0]
-        if self.residual_fn is not None:
-
-            def stacked(f):
-                x = self.outputs(unravel(f))
-                return x, x
-
-            jac_fn = jax.jacfwd if num_params < self.num_samples else jax.jacrev
-            jac, x = jac_fn(stacked, has_aux=True)(flat)
-            return x, jac.reshape(self.num_samples, num_params)
 
         def rows(u):
             return jax.vmap(lambda v: self._sample_jacobian(flat, unravel, v))(u)
@@ -461,21 +550,8 @@ class Problem(eqx.Module):
         jac_fn = jax.jacfwd if flat.shape[0] < self.output_dim else jax.jacrev
         return jac_fn(sample, has_aux=True)(flat)
 
-    def jacobian(self, params: PyTree) -> Float[Array, "NQ K"]:
-        """The output Jacobian D(θ), shape ``(N*Q, K)``; see `linearize`."""
-        return self.linearize(params)[1]
 
-    def jvp(self, params: PyTree, tangent: PyTree) -> Float[Array, "N Q"]:
-        """D(θ)·v for a tangent pytree v shaped like params; one forward-mode pass."""
-        return jax.jvp(self.outputs, (params,), (tangent,))[1]
-
-    def vjp(self, params: PyTree, cotangent: Float[Array, "N Q"]) -> PyTree:
-        """D(θ)ᵀ·w for output cotangents w of shape ``(N, Q)``; one reverse pass."""
-        _, pullback = jax.vjp(self.outputs, params)
-        return pullback(cotangent)[0]
-
-
-def nonfinite_cost_message(problem: Problem, params: PyTree) -> str:
+def nonfinite_cost_message(problem: AbstractProblem, params: PyTree) -> str:
     """Why C(params) is not finite, for the error of an entry point: NaN or inf outputs of the
     model, or finite outputs whose cost overflows the dtype (then the model is not to blame)."""
     x = np.asarray(problem.outputs(params))

@@ -39,7 +39,8 @@ def shard_samples(problem: Problem, mesh: Mesh, axis: str | tuple[str, ...] | No
 
     **Arguments:**
 
-    - `problem`: a per-sample `outmetric.Problem` (not one from `Problem.from_residual`).
+    - `problem`: a per-sample `outmetric.Problem` (not a `ResidualProblem` or one from
+      `Problem.from_residual`).
     - `mesh`: a `jax.sharding.Mesh`, e.g. ``jax.make_mesh((jax.device_count(),), ("data",))``.
     - `axis`: the mesh axis name (or tuple of names) that splits the samples; default all of
       the mesh's axes.
@@ -54,8 +55,9 @@ def shard_samples(problem: Problem, mesh: Mesh, axis: str | tuple[str, ...] | No
     check_problem(problem)
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if problem.residual_fn is not None:
-        raise ValueError("problem comes from Problem.from_residual: it has no sample axis to shard")
+    if not problem.per_sample:
+        raise ValueError(f"problem is a {type(problem).__name__}, not a per-sample Problem: it "
+                         "has no sample axis to shard")
     axes = tuple(mesh.axis_names) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
     for name in axes:
         if name not in mesh.axis_names:

@@ -363,7 +363,7 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
     num_rows = problem.num_samples * problem.output_dim
     num_params = flat.shape[0]
     wide = num_rows <= num_params
-    per_sample = problem.residual_fn is None
+    per_sample = problem.per_sample
 
     # Whether the structured Gram applies (dense layers found) and pays (module docstring);
     # the model's jaxpr is read once, and only where the answer matters.

@@ -11,13 +11,15 @@ import numbers
 
 import numpy as np
 
-from ._problem import Problem, static_real
+from ._problem import AbstractProblem, static_real
 
 
 def check_problem(problem, name: str = "problem") -> None:
-    """`problem` must be an `outmetric.Problem`."""
-    if not isinstance(problem, Problem):
-        raise TypeError(f"{name} must be an outmetric.Problem, got {type(problem).__name__}")
+    """`problem` must be an outmetric problem: any kind of `AbstractProblem` (`Problem`,
+    `ResidualProblem`, `Problem.from_residual`)."""
+    if not isinstance(problem, AbstractProblem):
+        raise TypeError(f"{name} must be an outmetric problem (Problem, ResidualProblem, ...), "
+                        f"got {type(problem).__name__}")
 
 
 def check_scalar(name: str, value) -> None:

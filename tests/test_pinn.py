@@ -103,6 +103,27 @@ def test_cost_is_the_sum_of_group_mean_squares_and_jacobian_matches(bench):
         np.testing.assert_allclose(np.asarray(jac), np.asarray(expected), rtol=1e-10, atol=1e-10)
 
 
+def test_pointwise_form_matches_the_rows_form(bench):
+    """The `om.ResidualProblem` of the point groups has the rows problem's cost and Jacobian."""
+    residual, rows = bench.residual, bench.problem
+    assert list(residual.names) == list(pinn.GROUP_NAMES[bench.name])
+    assert [s.num_points for s in residual.sets] == bench.info["sizes"]
+
+    @jax.jit
+    def both(params):
+        return (residual.cost(params), rows.cost(params), residual.jacobian(params),
+                rows.jacobian(params))
+
+    c1, c2, j1, j2 = both(bench.params)
+    assert float(c1) == pytest.approx(float(c2), rel=1e-12)
+    np.testing.assert_allclose(np.asarray(j1), np.asarray(j2), rtol=0,
+                               atol=1e-12 * float(jnp.max(jnp.abs(j2))))
+    if bench.sampler is not None:  # a draw as point sets is the same draw as rows
+        sets, (r, _) = bench.sampler.draw_sets(2), bench.sampler.draw(2)
+        coords = np.concatenate([np.asarray(v) for v in sets.values()])
+        np.testing.assert_array_equal(coords, np.asarray(r[:, :bench.pde.dim]))
+
+
 def test_exact_solution_has_zero_residual(bench):
     """u* satisfies the PDE at interior points and the data at condition points; a perturbed
     u* does not (the check can fail)."""
