@@ -707,8 +707,9 @@ def _fit_batches(problem, optimizer, snap, eps, max_steps, callback, progress, c
         iterator, skip = iter(batches), snap.step
         first = next(iterator, None)
         if first is None:
-            raise ValueError("batches is empty: it yielded nothing, so there is nothing to "
-                             "train on (a generator that was already consumed?)")
+            raise ValueError("batches is empty: it yielded no (inputs, targets) pair (or point "
+                             "set), so there is nothing to train on (a generator that was "
+                             "already consumed?)")
         iterator = itertools.chain([first], iterator)
     bar = _progress_bar(progress, max_steps, snap.step, "batch")
     try:

@@ -18,8 +18,8 @@ def check_problem(problem, name: str = "problem") -> None:
     """`problem` must be an outmetric problem: any kind of `AbstractProblem` (`Problem`,
     `ResidualProblem`, `Problem.from_residual`)."""
     if not isinstance(problem, AbstractProblem):
-        raise TypeError(f"{name} must be an outmetric problem (Problem, ResidualProblem, ...), "
-                        f"got {type(problem).__name__}")
+        raise TypeError(f"{name} must be an outmetric.Problem (or another problem kind: "
+                        f"ResidualProblem, Problem.from_residual), got {type(problem).__name__}")
 
 
 def check_scalar(name: str, value) -> None:
