@@ -110,6 +110,16 @@ MAX_AUTO_CHUNKS = 16
 #: least this many multiply-adds (M²K) and the structured products at most half as many.
 STRUCTURED_MIN_FLOPS = 10**8
 
+#: A rough sustained rate (flop/s) per backend for float64, used only to warn about slow steps
+#: (`estimate_step_flops`); the CPU figure is per core. float32 counts twice as fast.
+ROUGH_FLOPS_PER_S = {"cpu": 1e10, "gpu": 2e13, "tpu": 5e13}
+
+#: `plan_solve` logs a WARNING when a step's estimated time exceeds this many seconds.
+SLOW_STEP_SECONDS = 10.0
+
+#: The CG/LSMR iterations a matrix-free step is assumed to take for that estimate.
+ASSUMED_KRYLOV_ITERATIONS = 50
+
 logger = logging.getLogger("outmetric")
 
 
@@ -356,7 +366,9 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
         pays = has_layers and dense >= STRUCTURED_MIN_FLOPS and 2 * flops <= dense
     if solver != "auto":
         kind = "structured" if solver in GRAM_SOLVERS and pays else "jacobian"
-        return SolvePlan(solver, chunk_size, kind, "chosen by the caller")
+        plan = SolvePlan(solver, chunk_size, kind, "chosen by the caller")
+        _warn_if_slow(problem, params, plan, num_rows, num_params, flat.dtype)
+        return plan
     budget = _get_budget(memory_budget)
     plan = _auto_plan(damping, num_rows, num_params, flat.dtype.itemsize, budget,
                       structured=has_layers, structured_pays=pays,
@@ -364,7 +376,55 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
                       chunkable=per_sample, chunk_size=chunk_size, many_dampings=many_dampings)
     logger.info("solver='auto' picked %r (gram=%s, chunk_size=%s): %s", plan.method, plan.gram,
                 plan.chunk_size, plan.reason)
+    _warn_if_slow(problem, params, plan, num_rows, num_params, flat.dtype)
     return plan
+
+
+def estimate_step_flops(method: str, num_rows: int, num_params: int, num_samples: int, *,
+                        gram_macs: int | None = None, chunked: bool = False) -> float:
+    r"""Rough flops of one linearization and solve by `method` (M rows, K parameters, N samples,
+    $n = \min(M, K)$): a forward pass costs about 2NK.
+
+    - `"cholesky"`/`"eigh"`: the Gram, $2\cdot$`gram_macs` from the structured products, else the
+      Jacobian (about 4MK) and $2n^2\max(M, K)$ for $DD^\top$; then $n^3/3$ (Cholesky) or
+      $9n^3$ (eigh).
+    - `"qr"`: the Jacobian and $2\max(M,K)n^2$; `"svd"`: the Jacobian and $4\max(M,K)n^2 + 8n^3$.
+    - `"cg"`/`"lsmr"`: `ASSUMED_KRYLOV_ITERATIONS` Gram products of about 8NK each (one JVP, one
+      VJP).
+    """
+    n, big = min(num_rows, num_params), max(num_rows, num_params)
+    jacobian = 4.0 * num_rows * num_params
+    if method in MATRIX_FREE:
+        return ASSUMED_KRYLOV_ITERATIONS * 8.0 * num_samples * num_params
+    if method in GRAM_SOLVERS:
+        gram = 2.0 * gram_macs if gram_macs is not None else jacobian + 2.0 * n * n * big
+        return gram + (n**3 / 3 if method == "cholesky" else 9.0 * n**3)
+    if method == "qr":
+        return jacobian + 2.0 * big * n * n
+    return jacobian + 4.0 * big * n * n + 8.0 * n**3
+
+
+def _warn_if_slow(problem, params, plan: SolvePlan, num_rows, num_params, dtype) -> None:
+    """Log a WARNING (logger "outmetric") when one step will take over `SLOW_STEP_SECONDS`
+    at `ROUGH_FLOPS_PER_S`: a dense solve at QN ~ 10⁴ on a CPU runs for minutes, silently."""
+    macs = structured_flops(problem, params) if plan.gram == "structured" else None
+    flops = estimate_step_flops(plan.method, num_rows, num_params, problem.num_samples,
+                                gram_macs=macs)
+    device = jax.local_devices()[0]
+    rate = ROUGH_FLOPS_PER_S.get(device.platform, ROUGH_FLOPS_PER_S["gpu"])
+    if device.platform == "cpu":
+        rate *= os.cpu_count() or 1
+    if jnp.dtype(dtype).itemsize <= 4:
+        rate *= 2
+    seconds = flops / rate
+    if seconds > SLOW_STEP_SECONDS:
+        logger.warning(
+            "one step with solver %r (gram=%s) at M=%d, K=%d will take about %.0f s: about "
+            "%.1e flops%s at a rough %.0e flop/s on %s (%s); a matrix-free solver "
+            "(solver='cg'), float32 or mini-batches cost less per step",
+            plan.method, plan.gram, num_rows, num_params, seconds, flops,
+            f" (assuming {ASSUMED_KRYLOV_ITERATIONS} iterations)" if plan.method in MATRIX_FREE
+            else "", rate, device.platform, device.device_kind)
 
 
 def _get_budget(budget):
