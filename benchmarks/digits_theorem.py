@@ -23,6 +23,7 @@ above 1e-6·C(0) at equal time. Writes ``--out/digits_theorem.json`` and ``.png`
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -72,12 +73,13 @@ def theorem_run(num_samples: int, hidden: int | None, dtype, *, budget_s: float,
     cost0 = float(jax.jit(lambda p: problem.cost(p))(params))
     eps = relative_eps * cost0
     optimizer = None if solver == "auto" else om.output_metric_descent(solver=solver)
-    times, dampings = [], []
+    times, dampings, solve_steps = [], [], []
     start = time.perf_counter()
 
     def callback(step, params, state, cost):
         times.append(time.perf_counter() - start)
         dampings.append(float(state.damping))
+        solve_steps.append(int(getattr(state, "solve_steps", -1)))
         return times[-1] >= budget_s
 
     result = om.fit(problem, params, optimizer, eps=eps, max_steps=max_steps, progress=False,
@@ -98,12 +100,54 @@ def theorem_run(num_samples: int, hidden: int | None, dtype, *, budget_s: float,
         "mean_later_step_s": ((times[-1] - times[0]) / (len(times) - 1)
                               if len(times) > 1 else None),
         "step_end_times_s": times, "costs": costs, "dampings": dampings,
+        "solve_steps": solve_steps,
         "per_step_rate": rates, "flow_rate_per_unit_step": math.exp(-2.0),
         "flow_costs": [cost0 * math.exp(-2.0 * k) for k in range(len(costs))],
         "fallback_steps": result.fallback_steps, "budget_s": budget_s, "max_steps": max_steps,
         "memory": common.peak_memory(),
     }
     out["peak_bytes"] = common.peak_bytes(out["memory"])
+    return out
+
+
+def diagnose(num_samples: int, hidden: int | None, dtypes=("float64", "float32")) -> dict:
+    """Where a dense default step's time goes at full size: the structured Gram and one
+    Cholesky of the damped M×M Gram, each compiled, then timed once (`common.timeit`), per dtype;
+    and what ``plan_solve`` picks at several memory budgets (the pick depends on free memory)."""
+    import jax
+    import jax.numpy as jnp
+
+    import outmetric as om
+    from outmetric._gram import structured_flops
+    from outmetric._solve import estimate_step_flops
+
+    out = {"plans": {}, "timings": {}}
+    for dtype in dtypes:
+        problem, params, hidden = build(num_samples, hidden, jnp.dtype(dtype))
+        num_rows = problem.num_samples * problem.output_dim
+        if dtype == dtypes[0]:
+            for gib in (4, 8, 16):
+                plan = om.plan_solve(problem, params, damping=1.0, many_dampings=True,
+                                     memory_budget=gib * 2**30)
+                out["plans"][f"{gib}GiB"] = plan._asdict()
+            macs = structured_flops(problem, params)
+            out["structured_gram_flops"] = 2 * macs
+            out["cholesky_flops"] = num_rows**3 / 3
+            out["estimated_step_flops"] = estimate_step_flops(
+                "cholesky", num_rows, om.num_parameters(params), num_samples, gram_macs=macs)
+        gram_fn = jax.jit(lambda p, prob: om.structured_gram(prob, p)[1])
+        t_gram = common.timeit(gram_fn, params, problem, repeats=1)
+        gram = t_gram.pop("out")
+        lam = 1e-3 * jnp.mean(jnp.diag(gram))
+        chol = jax.jit(lambda g, lam: jnp.linalg.cholesky(g + lam * jnp.eye(g.shape[0], dtype=g.dtype)))
+        t_chol = common.timeit(chol, gram, lam, repeats=1)
+        t_chol.pop("out")
+        del gram
+        out["timings"][dtype] = {"structured_gram": t_gram, "cholesky": t_chol,
+                                 "gram_flops_per_s": out["structured_gram_flops"] / t_gram["min_s"],
+                                 "cholesky_flops_per_s": out["cholesky_flops"] / t_chol["min_s"]}
+        print(dtype, f"Gram {t_gram['min_s']:.1f} s, Cholesky {t_chol['min_s']:.1f} s", flush=True)
+    out["memory"] = common.peak_memory()
     return out
 
 
@@ -135,6 +179,15 @@ def baselines(num_samples: int, hidden: int | None, dtype, budget_s: float) -> l
     return rows
 
 
+def cost_at(run: dict, seconds: float) -> float:
+    """outmetric's cost at wall time `seconds` (the last step ended by then; C(0) before)."""
+    cost = run["costs"][0]
+    for t, c in zip(run["step_end_times_s"], run["costs"][1:]):
+        if t <= seconds:
+            cost = c
+    return cost
+
+
 def plot(path: str, record: dict) -> None:
     import matplotlib
 
@@ -159,6 +212,8 @@ def plot(path: str, record: dict) -> None:
                      label=b["name"])
     ax2.axhline(1e-10, color="grey", lw=0.8)
     ax2.axhline(1e-6, color="grey", lw=0.8, ls=":")
+    ax1.set_ylim(1e-12, 10)
+    ax2.set_ylim(1e-12, 10)
     ax2.set_xlabel("wall time (s)")
     ax2.legend(fontsize=8)
     fig.suptitle(f"digits one-hot regression, N = {run['num_samples']}, QN = {run['num_rows']}, "
@@ -181,6 +236,10 @@ def targets(record: dict) -> dict:
         worst = min(b["final_relative_cost"] for b in record["baselines"])
         out["baselines_above_1e-6"] = {"wanted": "> 1e-6 C(0) at equal time",
                                        "measured": worst, "met": worst > 1e-6}
+        ours = record["outmetric_cost_at_baseline_budget"] / run["cost0"]
+        out["outmetric_below_baselines_at_equal_time"] = {
+            "wanted": "outmetric's C/C(0) below every baseline's at their budget",
+            "measured": ours, "met": ours < worst}
     return out
 
 
@@ -195,26 +254,48 @@ def main(argv=None):
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--baseline-budget", type=float,
                         help="seconds per baseline (default: outmetric's wall time)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="time the structured Gram and one Cholesky at this size, and the "
+                             "plans at 4, 8, 16 GiB; writes digits_theorem_diagnosis.json")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the outmetric run from an existing --out JSON of the same "
+                             "name and run only the baselines")
     parser.add_argument("--out", default=common.RESULTS)
     args = parser.parse_args(argv)
     _, dtype = common.setup_jax(args.dtype)
     size = TINY if args.tiny else FULL
     hidden = args.hidden if args.hidden is not None else size["hidden"]
-    run = theorem_run(size["num_samples"], hidden, dtype, budget_s=args.budget,
-                      max_steps=args.max_steps, solver=args.solver)
+    if args.diagnose:
+        record = {"benchmark": "digits_theorem_diagnosis", "command": common.command_line(),
+                  "machine": common.machine_info(),
+                  "diagnosis": diagnose(size["num_samples"], hidden)}
+        name = "digits_theorem_diagnosis" + ("_tiny" if args.tiny else "")
+        print("wrote", common.write_json(args.out, name + ".json", record))
+        return
+    name = "digits_theorem_tiny" if args.tiny else "digits_theorem"
+    if args.solver != "auto" and not args.tiny:
+        name += f"_{args.solver}"
+    commands = [common.command_line()]
+    if args.reuse:
+        with open(os.path.join(args.out, name + ".json")) as f:
+            old = json.load(f)
+        run = old["outmetric"]
+        commands = old.get("commands", [old["command"]]) + commands
+    else:
+        run = theorem_run(size["num_samples"], hidden, dtype, budget_s=args.budget,
+                          max_steps=args.max_steps, solver=args.solver)
     print(f"outmetric: {run['steps']} steps, {run['wall_s']:.1f} s, C/C(0) = "
           f"{run['final_relative_cost']:.3e}, {run['status']}, plan {run['plan']['method']} "
           f"({run['plan']['gram']}), peak {run['peak_bytes'] / 2**30:.2f} GiB", flush=True)
     record = {"benchmark": "digits_theorem", "command": common.command_line(),
-              "machine": common.machine_info(), "tiny": args.tiny, "outmetric": run}
+              "commands": commands, "machine": common.machine_info(), "tiny": args.tiny,
+              "outmetric": run}
     if not args.no_baselines:
         budget = args.baseline_budget if args.baseline_budget else run["wall_s"]
         record["baselines"] = baselines(size["num_samples"], hidden, dtype, budget)
         record["baseline_budget_s"] = budget
+        record["outmetric_cost_at_baseline_budget"] = cost_at(run, budget)
     record["targets"] = targets(record)
-    name = "digits_theorem_tiny" if args.tiny else "digits_theorem"
-    if args.solver != "auto" and not args.tiny:
-        name += f"_{args.solver}"
     path = common.write_json(args.out, name + ".json", record)
     plot(os.path.join(args.out, name + ".png"), record)
     print("wrote", path)

@@ -6,8 +6,8 @@ The problem of the issue: the first 1,347 digits (the 1,347/450 split's training
 64-128-10 tanh MLP (K = 9,610), cross-entropy, QN = 13,470 (the tall side: K < QN). For each
 dtype, in a fresh process: what ``plan_solve`` picks for the default optimizer
 (``many_dampings=True``), the bytes it names in its reason and the bytes its rule budgets for
-that pick (2·M·K·b + 3·n²·b for a Cholesky Gram from a dense D, 3·n²·b for a structured or
-chunked Gram, 3·M·K·b for QR/SVD), XLA's own memory analysis of the compiled update (arguments +
+that pick (``outmetric._solve.estimate_memory_bytes``: 2·M·K·b + 3·n²·b for a Cholesky Gram
+from a dense D, 3·n²·b for a structured Gram, 3·M·K·b for QR/SVD), XLA's own memory analysis of the compiled update (arguments +
 outputs + temporaries − aliased), and the measured peak: the process's peak RSS after one
 default update minus the RSS before it (the JAX runtime and the data), with the update's wall
 time. Writes ``--out/plan_memory.json``.
@@ -22,20 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import scale_common as common  # noqa: E402
 
 
-def planned_bytes(plan, num_rows, num_params, itemsize) -> int:
-    """The bytes the "auto" rule of `plan_solve` budgets for `plan` (see `_auto_plan`)."""
-    dense = num_rows * num_params * itemsize
-    small = min(num_rows, num_params)
-    gram = small * small * itemsize
-    if plan.method in ("qr", "svd"):
-        return 3 * dense
-    if plan.method in ("cholesky", "eigh"):
-        if plan.gram == "structured" or plan.chunk_size is not None:
-            return 3 * gram
-        return 2 * dense + 3 * gram
-    return 0
-
-
 def run_one(config: dict) -> dict:
     import resource
 
@@ -44,6 +30,7 @@ def run_one(config: dict) -> dict:
     import jax.numpy as jnp
 
     import outmetric as om
+    from outmetric._solve import estimate_memory_bytes
 
     num_samples, hidden = config["num_samples"], config["hidden"]
     data = om.load_digits()
@@ -69,7 +56,7 @@ def run_one(config: dict) -> dict:
     seconds = time.perf_counter() - start
     memory = common.peak_memory()
     peak = common.peak_bytes(memory)
-    planned = planned_bytes(plan, num_rows, num_params, itemsize)
+    planned = estimate_memory_bytes(plan, num_rows, num_params, itemsize, num_samples)
     measured = peak - before if "device_peak_bytes" not in memory else peak
     return {
         "dtype": config["dtype"], "num_samples": num_samples, "mlp": [64, hidden, 10],

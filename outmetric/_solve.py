@@ -263,16 +263,21 @@ def _auto_plan(damping, num_rows, num_params, itemsize, budget, *, structured, n
     # QR and the SVD fallback each hold about one more copy of D; Cholesky holds the Gram, its
     # factor and the fallback's eigenvectors.
     if undamped and 3 * dense <= budget:
-        return SolvePlan("qr", chunk_size, "jacobian", f"D fits ({_bytes(dense)}); {sizes}")
+        return SolvePlan("qr", chunk_size, "jacobian",
+                         f"D fits ({_bytes(dense)}; the solve needs about {_bytes(3 * dense)}); "
+                         f"{sizes}")
     if many_dampings and not wide and num_params <= SPECTRAL_MAX_PARAMS and 3 * dense <= budget:
         return SolvePlan("svd", chunk_size, "jacobian",
-                         f"tall side, D fits: one SVD serves every damping tried; {sizes}")
+                         f"tall side, D fits: one SVD serves every damping tried (about "
+                         f"{_bytes(3 * dense)}); {sizes}")
     if not undamped and structured_pays and wide and 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "structured",
-                         f"dense layers found; structured Gram ({_bytes(gram)}); {sizes}")
+                         f"dense layers found; structured Gram ({_bytes(gram)}; the solve "
+                         f"needs about {_bytes(3 * gram)}); {sizes}")
     if not undamped and 2 * dense + 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "jacobian",
-                         f"D and its Gram fit ({_bytes(dense + gram)}); {sizes}")
+                         f"D and its Gram fit ({_bytes(dense + gram)}; the solve needs about "
+                         f"{_bytes(2 * dense + 3 * gram)}); {sizes}")
     if structured and wide and 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "structured",
                          f"D does not fit, the structured Gram does; {sizes}")
@@ -402,6 +407,27 @@ def estimate_step_flops(method: str, num_rows: int, num_params: int, num_samples
     if method == "qr":
         return jacobian + 2.0 * big * n * n
     return jacobian + 4.0 * big * n * n + 8.0 * n**3
+
+
+def estimate_memory_bytes(plan: SolvePlan, num_rows: int, num_params: int, itemsize: int,
+                          num_samples: int | None = None) -> int:
+    """The bytes that the "auto" rule budgets for `plan` (M rows, K parameters, n = min(M, K),
+    b bytes a number): 3MKb for "qr"/"svd" (D and about one more copy); 2MKb + 3n²b for a
+    Cholesky or eigh Gram from a dense D; 3n²b for a structured Gram; for a chunked one, 3n²b
+    plus the chunk's per-sample Jacobians (twice on the wide side); 0 for the matrix-free methods (O(K + M))."""
+    dense = num_rows * num_params * itemsize
+    small = min(num_rows, num_params)
+    gram = small * small * itemsize
+    if plan.method in ("qr", "svd"):
+        return 3 * dense
+    if plan.method in GRAM_SOLVERS:
+        if plan.gram == "structured":
+            return 3 * gram
+        if plan.chunk_size is not None and num_samples and plan.chunk_size < num_samples:
+            per_sample = (num_rows // num_samples) * num_params * itemsize
+            return 3 * gram + plan.chunk_size * per_sample * (2 if num_rows <= num_params else 1)
+        return 2 * dense + 3 * gram
+    return 0
 
 
 def _warn_if_slow(problem, params, plan: SolvePlan, num_rows, num_params, dtype) -> None:
