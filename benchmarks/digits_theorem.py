@@ -19,7 +19,9 @@ and — unless ``--no-baselines`` — Adam (learning rates 1e-4, 1e-3, 1e-2) and
 took, compilation included; the baselines' compilation is not counted against them). The
 targets of the issue: C ≤ 1e-10·C(0) in ≤ 5 min and ≤ 8 GB on 2 CPU cores, and the baselines
 above 1e-6·C(0) at equal time. Writes ``--out/digits_theorem.json`` and ``.png`` (``--tiny``:
-``digits_theorem_tiny.*``, 40 samples and H = 24, seconds on a CPU: a smoke test).
+``digits_theorem_tiny.*``, 40 samples and H = 22, seconds on a CPU: a smoke test). ``--samples N``
+runs the first N digits; ``--diagnose`` times the structured Gram and one Cholesky at this size
+and lists the plans at several memory budgets.
 """
 
 import argparse
@@ -245,7 +247,8 @@ def targets(record: dict) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="40 samples, H = 24: a smoke test")
+    parser.add_argument("--tiny", action="store_true", help="40 samples, H = 22: a smoke test")
+    parser.add_argument("--samples", type=int, help="use the first N digits (default all)")
     parser.add_argument("--hidden", type=int, help="hidden width (default: smallest K >= 4 QN)")
     parser.add_argument("--budget", type=float, default=600.0, help="wall seconds for outmetric")
     parser.add_argument("--max-steps", type=int, default=200)
@@ -263,7 +266,9 @@ def main(argv=None):
     parser.add_argument("--out", default=common.RESULTS)
     args = parser.parse_args(argv)
     _, dtype = common.setup_jax(args.dtype)
-    size = TINY if args.tiny else FULL
+    size = dict(TINY if args.tiny else FULL)
+    if args.samples:
+        size["num_samples"] = args.samples
     hidden = args.hidden if args.hidden is not None else size["hidden"]
     if args.diagnose:
         record = {"benchmark": "digits_theorem_diagnosis", "command": common.command_line(),
@@ -273,6 +278,8 @@ def main(argv=None):
         print("wrote", common.write_json(args.out, name + ".json", record))
         return
     name = "digits_theorem_tiny" if args.tiny else "digits_theorem"
+    if args.samples and not args.tiny:
+        name += f"_n{args.samples}"
     if args.solver != "auto" and not args.tiny:
         name += f"_{args.solver}"
     commands = [common.command_line()]

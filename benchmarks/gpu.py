@@ -40,13 +40,13 @@ PARTS = ("matmul", "theorem", "krylov", "dense")
 
 #: part -> full-size configuration; the "limit_s" of every part adds up to under 8 minutes.
 FULL = {
-    "matmul": {"n": 8192, "repeats": 5, "limit_s": 60},
-    "theorem": {"num_samples": 1797, "hidden": None, "budget_s": 200, "max_steps": 100,
-                "limit_s": 240},
+    "matmul": {"n": 8192, "repeats": 5, "limit_s": 40},
+    "theorem": {"num_samples": 1797, "hidden": None, "budget_s": 180, "max_steps": 100,
+                "limit_s": 220},
     "krylov": {"sizes": [32, 1000, 1000, 1], "num_samples": 4096, "updates": 2,
-               "dtype": "float32", "limit_s": 80},
+               "dtype": "float32", "limit_s": 90},
     "dense": {"sizes": [32, 3150, 3150, 1], "num_samples": 16384, "dtype": "float32",
-              "limit_s": 90},
+              "limit_s": 120},
 }
 TINY = {
     "matmul": {"n": 256, "repeats": 2},
