@@ -1,4 +1,4 @@
-"""The theorem on a full dataset: one-hot regression on all 1,797 digits by the defaults (issue #15).
+"""The theorem on a full dataset: one-hot regression on all 1,797 digits, defaults (issue #15).
 
     python benchmarks/digits_theorem.py [--tiny] [--hidden H] [--budget S] [--max-steps N]
                                         [--dtype float64|float32] [--solver auto] [--no-baselines]
@@ -141,7 +141,8 @@ def diagnose(num_samples: int, hidden: int | None, dtypes=("float64", "float32")
         t_gram = common.timeit(gram_fn, params, problem, repeats=1)
         gram = t_gram.pop("out")
         lam = 1e-3 * jnp.mean(jnp.diag(gram))
-        chol = jax.jit(lambda g, lam: jnp.linalg.cholesky(g + lam * jnp.eye(g.shape[0], dtype=g.dtype)))
+        chol = jax.jit(lambda g, lam: jnp.linalg.cholesky(
+            g + lam * jnp.eye(g.shape[0], dtype=g.dtype)))
         t_chol = common.timeit(chol, gram, lam, repeats=1)
         t_chol.pop("out")
         del gram
@@ -201,7 +202,8 @@ def plot(path: str, record: dict) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     steps = range(len(run["costs"]))
     ax1.semilogy(steps, [c / c0 for c in run["costs"]], "o-", label="outmetric default (measured)")
-    ax1.semilogy(steps, [c / c0 for c in run["flow_costs"]], "k--", label="flow C(0)e^{-2s/N}, s = kN")
+    ax1.semilogy(steps, [c / c0 for c in run["flow_costs"]], "k--",
+                 label="flow C(0)e^{-2s/N}, s = kN")
     ax1.axhline(1e-10, color="grey", lw=0.8)
     ax1.set_xlabel("step k")
     ax1.set_ylabel("C / C(0)")

@@ -7,8 +7,9 @@ The problem of the issue: the first 1,347 digits (the 1,347/450 split's training
 dtype, in a fresh process: what ``plan_solve`` picks for the default optimizer
 (``many_dampings=True``), the bytes it names in its reason and the bytes its rule budgets for
 that pick (``outmetric._solve.estimate_memory_bytes``: 2·M·K·b + 3·n²·b for a Cholesky Gram
-from a dense D, 3·n²·b for a structured Gram, 3·M·K·b for QR/SVD), XLA's own memory analysis of the compiled update (arguments +
-outputs + temporaries − aliased), and the measured peak: the process's peak RSS after one
+from a dense D, 3·n²·b for a structured Gram, 3·M·K·b for QR/SVD), XLA's own memory
+analysis of the compiled update (arguments + outputs + temporaries − aliased), and the
+measured peak: the process's peak RSS after one
 default update minus the RSS before it (the JAX runtime and the data), with the update's wall
 time. Writes ``--out/plan_memory.json``.
 """

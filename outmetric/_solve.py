@@ -386,7 +386,7 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
 
 
 def estimate_step_flops(method: str, num_rows: int, num_params: int, num_samples: int, *,
-                        gram_macs: int | None = None, chunked: bool = False) -> float:
+                        gram_macs: int | None = None) -> float:
     r"""Rough flops of one linearization and solve by `method` (M rows, K parameters, N samples,
     $n = \min(M, K)$): a forward pass costs about 2NK.
 
@@ -414,7 +414,8 @@ def estimate_memory_bytes(plan: SolvePlan, num_rows: int, num_params: int, items
     """The bytes that the "auto" rule budgets for `plan` (M rows, K parameters, n = min(M, K),
     b bytes a number): 3MKb for "qr"/"svd" (D and about one more copy); 2MKb + 3n²b for a
     Cholesky or eigh Gram from a dense D; 3n²b for a structured Gram; for a chunked one, 3n²b
-    plus the chunk's per-sample Jacobians (twice on the wide side); 0 for the matrix-free methods (O(K + M))."""
+    plus the chunk's per-sample Jacobians (twice on the wide side); 0 for the matrix-free
+    methods (O(K + M))."""
     dense = num_rows * num_params * itemsize
     small = min(num_rows, num_params)
     gram = small * small * itemsize
