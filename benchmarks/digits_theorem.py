@@ -61,7 +61,8 @@ def build(num_samples: int, hidden: int | None, dtype):
 
 
 def theorem_run(num_samples: int, hidden: int | None, dtype, *, budget_s: float,
-                max_steps: int = 200, relative_eps: float = 1e-10, solver: str = "auto") -> dict:
+                max_steps: int = 200, relative_eps: float = 1e-10, solver: str = "auto",
+                options: dict | None = None) -> dict:
     """The default `om.fit` on the digits regression; returns the measured record."""
     import jax
     import numpy as np
@@ -74,7 +75,8 @@ def theorem_run(num_samples: int, hidden: int | None, dtype, *, budget_s: float,
     plan = om.plan_solve(problem, params, solver=solver, damping=1.0, many_dampings=True)
     cost0 = float(jax.jit(lambda p: problem.cost(p))(params))
     eps = relative_eps * cost0
-    optimizer = None if solver == "auto" else om.output_metric_descent(solver=solver)
+    optimizer = (None if solver == "auto" and not options
+                 else om.output_metric_descent(solver=solver, **(options or {})))
     times, dampings, solve_steps = [], [], []
     start = time.perf_counter()
 
@@ -94,7 +96,7 @@ def theorem_run(num_samples: int, hidden: int | None, dtype, *, budget_s: float,
         "num_samples": problem.num_samples, "output_dim": Q, "num_rows": num_rows,
         "mlp": [64, hidden, Q], "activation": "tanh", "num_params": num_params,
         "params_per_row": num_params / num_rows, "dtype": str(np.dtype(dtype)),
-        "solver": solver, "plan": plan._asdict(),
+        "solver": solver, "options": options or {}, "plan": plan._asdict(),
         "picked": om.SOLVERS[int(result.state.solver)] if hasattr(result.state, "solver") else None,
         "cost0": cost0, "eps": eps, "final_cost": final, "final_relative_cost": final / cost0,
         "reached": final <= eps, "status": result.status.name, "steps": result.num_steps,
@@ -256,6 +258,10 @@ def main(argv=None):
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--solver", default="auto", help="'auto' (the default) or a SOLVERS name")
+    parser.add_argument("--options", type=json.loads, default=None,
+                        help="JSON of further output_metric_descent arguments (not the default "
+                             "then), e.g. '{\"damping\": 1e-3}'")
+    parser.add_argument("--tag", help="suffix of the output names")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--baseline-budget", type=float,
                         help="seconds per baseline (default: outmetric's wall time)")
@@ -284,6 +290,8 @@ def main(argv=None):
         name += f"_n{args.samples}"
     if args.solver != "auto" and not args.tiny:
         name += f"_{args.solver}"
+    if args.tag:
+        name += f"_{args.tag}"
     commands = [common.command_line()]
     if args.reuse:
         with open(os.path.join(args.out, name + ".json")) as f:
@@ -292,7 +300,7 @@ def main(argv=None):
         commands = old.get("commands", [old["command"]]) + commands
     else:
         run = theorem_run(size["num_samples"], hidden, dtype, budget_s=args.budget,
-                          max_steps=args.max_steps, solver=args.solver)
+                          max_steps=args.max_steps, solver=args.solver, options=args.options)
     print(f"outmetric: {run['steps']} steps, {run['wall_s']:.1f} s, C/C(0) = "
           f"{run['final_relative_cost']:.3e}, {run['status']}, plan {run['plan']['method']} "
           f"({run['plan']['gram']}), peak {run['peak_bytes'] / 2**30:.2f} GiB", flush=True)
