@@ -10,6 +10,7 @@ from ._checkpoint import save_checkpoint as save_checkpoint
 from ._data import Dataset as Dataset
 from ._data import bundled_dataset_path as bundled_dataset_path
 from ._data import load_dataset as load_dataset
+from ._data import load_digits as load_digits
 from ._fit import FitResult as FitResult
 from ._fit import NonFiniteError as NonFiniteError
 from ._fit import fit as fit

@@ -20,6 +20,21 @@ def bundled_dataset_path() -> str:
     return str(importlib.resources.files("outmetric") / "data" / "diabetes.csv")
 
 
+def load_digits() -> Dataset:
+    """The handwritten digits of scikit-learn, bundled (1,797 8×8 images, 10 classes).
+
+    `inputs` `(1797, 64)`: pixel counts 0..16 divided by 16; `targets` `(1797, 10)`: one-hot
+    labels (the label of sample j is ``targets[j].argmax()``). The data is E. Alpaydin and
+    C. Kaynak's UCI optical-recognition test set as distributed with scikit-learn
+    (BSD-3-Clause; ``outmetric/data/README.md``), in its order.
+    """
+    path = importlib.resources.files("outmetric") / "data" / "digits.csv.gz"
+    with importlib.resources.as_file(path) as file:
+        table = np.loadtxt(file, delimiter=",", ndmin=2)
+    labels = table[:, -1].astype(int)
+    return Dataset(table[:, :-1] / 16.0, np.eye(10)[labels], "digits")
+
+
 def _standardise(a: np.ndarray) -> np.ndarray:
     std = a.std(axis=0)
     return (a - a.mean(axis=0)) / np.where(std > 0, std, 1.0)

@@ -125,6 +125,16 @@ MAX_AUTO_CHUNKS = 16
 #: least this many multiply-adds (M²K) and the structured products at most half as many.
 STRUCTURED_MIN_FLOPS = 10**8
 
+#: A rough sustained rate (flop/s) per backend for float64, used only to warn about slow steps
+#: (`estimate_step_flops`); the CPU figure is per core. float32 counts twice as fast.
+ROUGH_FLOPS_PER_S = {"cpu": 1e10, "gpu": 2e13, "tpu": 5e13}
+
+#: `plan_solve` logs a WARNING when a step's estimated time exceeds this many seconds.
+SLOW_STEP_SECONDS = 10.0
+
+#: The CG/LSMR iterations a matrix-free step is assumed to take for that estimate.
+ASSUMED_KRYLOV_ITERATIONS = 50
+
 logger = logging.getLogger("outmetric")
 
 
@@ -272,16 +282,21 @@ def _auto_plan(damping, num_rows, num_params, itemsize, budget, *, structured, n
     # QR and the SVD fallback each hold about one more copy of D; Cholesky holds the Gram, its
     # factor and the fallback's eigenvectors.
     if undamped and 3 * dense <= budget:
-        return SolvePlan("qr", chunk_size, "jacobian", f"D fits ({_bytes(dense)}); {sizes}")
+        return SolvePlan("qr", chunk_size, "jacobian",
+                         f"D fits ({_bytes(dense)}; the solve needs about {_bytes(3 * dense)}); "
+                         f"{sizes}")
     if many_dampings and not wide and num_params <= SPECTRAL_MAX_PARAMS and 3 * dense <= budget:
         return SolvePlan("svd", chunk_size, "jacobian",
-                         f"tall side, D fits: one SVD serves every damping tried; {sizes}")
+                         f"tall side, D fits: one SVD serves every damping tried (about "
+                         f"{_bytes(3 * dense)}); {sizes}")
     if not undamped and structured_pays and wide and 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "structured",
-                         f"dense layers found; structured Gram ({_bytes(gram)}); {sizes}")
+                         f"dense layers found; structured Gram ({_bytes(gram)}; the solve "
+                         f"needs about {_bytes(3 * gram)}); {sizes}")
     if not undamped and 2 * dense + 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "jacobian",
-                         f"D and its Gram fit ({_bytes(dense + gram)}); {sizes}")
+                         f"D and its Gram fit ({_bytes(dense + gram)}; the solve needs about "
+                         f"{_bytes(2 * dense + 3 * gram)}); {sizes}")
     if structured and wide and 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "structured",
                          f"D does not fit, the structured Gram does; {sizes}")
@@ -375,7 +390,9 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
         pays = has_layers and dense >= STRUCTURED_MIN_FLOPS and 2 * flops <= dense
     if solver != "auto":
         kind = "structured" if solver in GRAM_SOLVERS and pays else "jacobian"
-        return SolvePlan(solver, chunk_size, kind, "chosen by the caller")
+        plan = SolvePlan(solver, chunk_size, kind, "chosen by the caller")
+        _warn_if_slow(problem, params, plan, num_rows, num_params, flat.dtype)
+        return plan
     budget = _get_budget(memory_budget)
     plan = _auto_plan(damping, num_rows, num_params, flat.dtype.itemsize, budget,
                       structured=has_layers, structured_pays=pays,
@@ -383,7 +400,77 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
                       chunkable=per_sample, chunk_size=chunk_size, many_dampings=many_dampings)
     logger.info("solver='auto' picked %r (gram=%s, chunk_size=%s): %s", plan.method, plan.gram,
                 plan.chunk_size, plan.reason)
+    _warn_if_slow(problem, params, plan, num_rows, num_params, flat.dtype)
     return plan
+
+
+def estimate_step_flops(method: str, num_rows: int, num_params: int, num_samples: int, *,
+                        gram_macs: int | None = None) -> float:
+    r"""Rough flops of one linearization and solve by `method` (M rows, K parameters, N samples,
+    $n = \min(M, K)$): a forward pass costs about 2NK.
+
+    - `"cholesky"`/`"eigh"`: the Gram, $2\cdot$`gram_macs` from the structured products, else the
+      Jacobian (about 4MK) and $2n^2\max(M, K)$ for $DD^\top$; then $n^3/3$ (Cholesky) or
+      $9n^3$ (eigh).
+    - `"qr"`: the Jacobian and $2\max(M,K)n^2$; `"svd"`: the Jacobian and $4\max(M,K)n^2 + 8n^3$.
+    - `"cg"`/`"lsmr"`: `ASSUMED_KRYLOV_ITERATIONS` Gram products of about 8NK each (one JVP, one
+      VJP).
+    """
+    n, big = min(num_rows, num_params), max(num_rows, num_params)
+    jacobian = 4.0 * num_rows * num_params
+    if method in MATRIX_FREE:
+        return ASSUMED_KRYLOV_ITERATIONS * 8.0 * num_samples * num_params
+    if method in GRAM_SOLVERS:
+        gram = 2.0 * gram_macs if gram_macs is not None else jacobian + 2.0 * n * n * big
+        return gram + (n**3 / 3 if method == "cholesky" else 9.0 * n**3)
+    if method == "qr":
+        return jacobian + 2.0 * big * n * n
+    return jacobian + 4.0 * big * n * n + 8.0 * n**3
+
+
+def estimate_memory_bytes(plan: SolvePlan, num_rows: int, num_params: int, itemsize: int,
+                          num_samples: int | None = None) -> int:
+    """The bytes that the "auto" rule budgets for `plan` (M rows, K parameters, n = min(M, K),
+    b bytes a number): 3MKb for "qr"/"svd" (D and about one more copy); 2MKb + 3n²b for a
+    Cholesky or eigh Gram from a dense D; 3n²b for a structured Gram; for a chunked one, 3n²b
+    plus the chunk's per-sample Jacobians (twice on the wide side); 0 for the matrix-free
+    methods (O(K + M))."""
+    dense = num_rows * num_params * itemsize
+    small = min(num_rows, num_params)
+    gram = small * small * itemsize
+    if plan.method in ("qr", "svd"):
+        return 3 * dense
+    if plan.method in GRAM_SOLVERS:
+        if plan.gram == "structured":
+            return 3 * gram
+        if plan.chunk_size is not None and num_samples and plan.chunk_size < num_samples:
+            per_sample = (num_rows // num_samples) * num_params * itemsize
+            return 3 * gram + plan.chunk_size * per_sample * (2 if num_rows <= num_params else 1)
+        return 2 * dense + 3 * gram
+    return 0
+
+
+def _warn_if_slow(problem, params, plan: SolvePlan, num_rows, num_params, dtype) -> None:
+    """Log a WARNING (logger "outmetric") when one step will take over `SLOW_STEP_SECONDS`
+    at `ROUGH_FLOPS_PER_S`: a dense solve at QN ~ 10⁴ on a CPU runs for minutes, silently."""
+    macs = structured_flops(problem, params) if plan.gram == "structured" else None
+    flops = estimate_step_flops(plan.method, num_rows, num_params, problem.num_samples,
+                                gram_macs=macs)
+    device = jax.local_devices()[0]
+    rate = ROUGH_FLOPS_PER_S.get(device.platform, ROUGH_FLOPS_PER_S["gpu"])
+    if device.platform == "cpu":
+        rate *= os.cpu_count() or 1
+    if jnp.dtype(dtype).itemsize <= 4:
+        rate *= 2
+    seconds = flops / rate
+    if seconds > SLOW_STEP_SECONDS:
+        logger.warning(
+            "one step with solver %r (gram=%s) at M=%d, K=%d will take about %.0f s: about "
+            "%.1e flops%s at a rough %.0e flop/s on %s (%s); a matrix-free solver "
+            "(solver='cg'), float32 or mini-batches cost less per step",
+            plan.method, plan.gram, num_rows, num_params, seconds, flops,
+            f" (assuming {ASSUMED_KRYLOV_ITERATIONS} iterations)" if plan.method in MATRIX_FREE
+            else "", rate, device.platform, device.device_kind)
 
 
 def _get_budget(budget):

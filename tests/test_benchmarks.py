@@ -158,3 +158,41 @@ def test_demo_compare_runs_the_baselines(tmp_path, capsys):
     rows = {r["method"]: r for r in json.loads((out / "demo.json").read_text())["rows"]}
     assert rows["Levenberg-Marquardt (optimistix)"]["final_cost"] < rows["adam (lr 1e-3)"]["final_cost"]
     assert all(math.isfinite(r["wall_time"]) and r["steps"] >= 1 for r in rows.values())
+
+
+def _finite_numbers(tree, path="result"):
+    """Every number in a JSON tree is finite (booleans and strings pass)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _finite_numbers(value, f"{path}.{key}")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            _finite_numbers(value, f"{path}[{i}]")
+    elif isinstance(tree, float):
+        assert math.isfinite(tree), path
+
+
+def test_gpu_benchmark_tiny_mode(tmp_path):
+    """`benchmarks/gpu.py --tiny` runs every part's code at tiny sizes and writes its JSON."""
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu.py"), "--tiny",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [path] = tmp_path.glob("gpu_*_tiny.json")
+    data = json.loads(path.read_text())
+    assert data["tiny"] is True and data["device"] and data["machine"]["device_kind"]
+    results = data["results"]
+    assert set(results) == {"matmul", "theorem", "krylov", "dense"}
+    for part, result in results.items():
+        assert "error" not in result, (part, result.get("error"))
+        _finite_numbers(result, part)
+    assert results["matmul"]["default"]["flops_per_s"] > 0
+    theorem = results["theorem"]
+    assert theorem["num_params"] >= 4 * theorem["num_rows"] and theorem["steps"] >= 1
+    assert theorem["costs"][-1] < theorem["cost0"] and len(theorem["step_end_times_s"]) >= 1
+    assert theorem["plan"]["method"] and theorem["wall_s"] > 0
+    assert results["krylov"]["updates"][0]["solve_steps"] >= 1
+    dense = results["dense"]
+    assert dense["fixed_damping_step"]["min_s"] > 0 and dense["fraction_of_matmul_rate"] > 0
+    assert dense["default_update"]["updates"][0]["cost_after"] <= dense["default_update"][
+        "updates"][0]["cost_before"]

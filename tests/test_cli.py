@@ -49,6 +49,14 @@ def test_bundled_dataset():
     assert os.path.isfile(om.bundled_dataset_path())
 
 
+def test_bundled_digits():
+    data = om.load_digits()
+    assert data.inputs.shape == (1797, 64) and data.targets.shape == (1797, 10)
+    assert data.inputs.min() == 0.0 and data.inputs.max() == 1.0
+    np.testing.assert_array_equal(data.targets.sum(axis=1), 1.0)
+    assert np.bincount(data.targets.argmax(axis=1)).tolist()[:3] == [178, 182, 177]
+
+
 def test_demo_errors_name_the_argument(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err

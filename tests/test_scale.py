@@ -245,6 +245,33 @@ def test_auto_plans_from_sizes_and_memory_and_reports_the_pick(caplog):
     assert problem.cost(optax.apply_updates(params, updates)) < problem.cost(params)
 
 
+def test_the_plan_names_the_memory_it_budgets():
+    problem, params = make_problem("tanh_mlp", n=8, q=2)  # M = 16, K = 402
+    k, b = om.num_parameters(params), 8
+    plan = om.plan_solve(problem, params, damping=1.0, gram="jacobian", memory_budget=2**40)
+    assert plan.method == "cholesky" and plan.gram == "jacobian"
+    planned = _solve.estimate_memory_bytes(plan, 16, k, b, 8)
+    assert planned == 2 * 16 * k * b + 3 * 16 * 16 * b
+    assert f"needs about {_solve._bytes(planned)}" in plan.reason
+    structured = om.SolvePlan("cholesky", None, "structured", "")
+    assert _solve.estimate_memory_bytes(structured, 16, k, b, 8) == 3 * 16 * 16 * b
+    assert _solve.estimate_memory_bytes(om.SolvePlan("cg", None, "jacobian", ""), 16, k, b) == 0
+
+
+def test_a_step_that_will_take_long_is_logged(caplog, monkeypatch):
+    problem, params = make_problem("tanh_mlp", n=8, q=2)  # M = 16, K = 402
+    flops = _solve.estimate_step_flops("cholesky", 16, 402, 8)
+    assert flops == 4.0 * 16 * 402 + 2.0 * 16 * 16 * 402 + 16**3 / 3
+    assert _solve.estimate_step_flops("cg", 16, 402, 8) == 50 * 8.0 * 8 * 402
+    with caplog.at_level(logging.WARNING, logger="outmetric"):
+        om.plan_solve(problem, params, damping=1.0)
+    assert "will take about" not in caplog.text
+    monkeypatch.setattr(_solve, "SLOW_STEP_SECONDS", 0.0)
+    with caplog.at_level(logging.WARNING, logger="outmetric"):
+        om.plan_solve(problem, params, damping=1.0, solver="cg")
+    assert "one step with solver 'cg'" in caplog.text and "M=16, K=402" in caplog.text
+
+
 # ------------------------------------------------------------------------- bad input
 
 
