@@ -69,6 +69,7 @@ __all__ = [
     "Dataset",
     "bundled_dataset_path",
     "load_dataset",
+    "load_digits",
     "FitResult",
     "NonFiniteError",
     "fit",
