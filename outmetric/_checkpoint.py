@@ -237,16 +237,8 @@ def check_writable(path: str | os.PathLike, params: PyTree, opt_state: PyTree, n
     folder = os.path.dirname(os.path.abspath(path))
     arrays = _checkpoint_arrays(params, opt_state, 0, np.zeros(num_costs), extra)
     arrays["probe"] = np.zeros(num_costs)  # room for the per-step history saved beside costs
-    prefix = f".{os.path.basename(path)}.{_host_tag()}.{os.getpid()}."
     try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            os.unlink(tmp)
+        os.unlink(_write_temporary(path, folder, arrays))
     except OSError as err:
         raise CheckpointError(
             f"checkpoint folder {folder!r} cannot hold the checkpoint ({err.strerror or err}): "
@@ -280,7 +272,9 @@ def _checkpoint_arrays(params, opt_state, step, costs, extra) -> dict[str, np.nd
     return arrays
 
 
-def _write_atomically(path: str, folder: str, arrays: dict[str, np.ndarray]) -> None:
+def _write_temporary(path: str, folder: str, arrays: dict[str, np.ndarray]) -> str:
+    """`arrays` as an ``.npz`` in a fresh temporary file beside `path`, flushed to disk; returns
+    its name. Nothing is left behind if the write fails."""
     prefix = f".{os.path.basename(path)}.{_host_tag()}.{os.getpid()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
@@ -288,6 +282,18 @@ def _write_atomically(path: str, folder: str, arrays: dict[str, np.ndarray]) -> 
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return tmp
+
+
+def _write_atomically(path: str, folder: str, arrays: dict[str, np.ndarray]) -> None:
+    tmp = _write_temporary(path, folder, arrays)
+    try:
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -466,11 +466,12 @@ def _warn_if_slow(problem, params, plan: SolvePlan, num_rows, num_params, dtype)
     if seconds > SLOW_STEP_SECONDS:
         logger.warning(
             "one step with solver %r (gram=%s) at M=%d, K=%d will take about %.0f s: about "
-            "%.1e flops%s at a rough %.0e flop/s on %s (%s); a matrix-free solver "
-            "(solver='cg'), float32 or mini-batches cost less per step",
+            "%.1e flops%s at a rough %.0e flop/s on %s (%s); %s cost less per step",
             plan.method, plan.gram, num_rows, num_params, seconds, flops,
             f" (assuming {ASSUMED_KRYLOV_ITERATIONS} iterations)" if plan.method in MATRIX_FREE
-            else "", rate, device.platform, device.device_kind)
+            else "", rate, device.platform, device.device_kind,
+            "float32 or mini-batches" if plan.method in MATRIX_FREE
+            else "a matrix-free solver (solver='cg'), float32 or mini-batches")
 
 
 def _get_budget(budget):

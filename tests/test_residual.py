@@ -104,17 +104,20 @@ def test_pointwise_and_stacked_agree():
     problem, params = pointwise(), init()
     other = stacked(problem)
     assert problem.num_samples == 12 + 8 + 2 * 5 and problem.output_dim == 1
-    x1, jac1 = problem.linearize(params)
-    x2, jac2 = other.linearize(params)
+    # Compiled: the eager stacked Jacobian of Hessians dispatches thousands of tiny ops.
+    linearize = eqx.filter_jit(lambda prob, p, **kw: prob.linearize(p, **kw))
+    x1, jac1 = linearize(problem, params)
+    x2, jac2 = linearize(other, params)
     assert other.num_samples == problem.num_samples  # sized by the first evaluation
     scale = float(jnp.max(jnp.abs(jac2)))
     np.testing.assert_allclose(x1, x2, atol=1e-12 * float(jnp.max(jnp.abs(x2))), rtol=0)
     np.testing.assert_allclose(jac1, jac2, atol=1e-12 * scale, rtol=0)
     np.testing.assert_allclose(problem.cost(params), other.cost(params), rtol=1e-12)
     # The Gram matrix and the chunked Jacobian.
-    g1, g2 = om.gram_matrix(problem, params), om.gram_matrix(other, params)
+    gram = eqx.filter_jit(om.gram_matrix)
+    g1, g2 = gram(problem, params), gram(other, params)
     np.testing.assert_allclose(g1, g2, atol=1e-12 * float(jnp.max(jnp.abs(g2))), rtol=0)
-    np.testing.assert_allclose(problem.linearize(params, chunk_size=5)[1], jac1,
+    np.testing.assert_allclose(linearize(problem, params, chunk_size=5)[1], jac1,
                                atol=1e-12 * scale, rtol=0)
     # JVP and VJP against D.
     flat, unravel = ravel_pytree(params)
@@ -129,9 +132,10 @@ def test_pointwise_and_stacked_take_the_same_step(solver):
     other = stacked(problem)
     other.cost(params)  # size it before the update reads N
     opt = om.output_metric_descent(solver=solver)
+    update = eqx.filter_jit(lambda prob, p: opt.update(None, opt.init(p), p, problem=prob))
     steps = []
     for p in (problem, other):
-        updates, state = opt.update(None, opt.init(params), params, problem=p)
+        updates, state = update(p, params)
         steps.append(ravel_pytree(updates)[0])
     # Dense solves agree to round-off; CG stops at its inexact-Newton forcing tolerance, so
     # the two (round-off-different) operators give steps equal to that tolerance only.
