@@ -32,7 +32,13 @@ from ._checkpoint import (
 )
 from ._errors import NonFiniteError
 from ._masking import discards_upstream
-from ._problem import AbstractProblem, check_params, nonfinite_cost_message, static_real
+from ._problem import (
+    AbstractProblem,
+    check_params,
+    nonfinite_cost_message,
+    params_dtype,
+    static_real,
+)
 from ._results import RESULTS
 from ._transform import (
     GRADIENT_FREE,
@@ -569,11 +575,11 @@ def _finite_cost_message(what: str, step: int) -> str:
 
 def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chunk, batches,
               use_grad, checkpoint, every):
-    dtype = jax.flatten_util.ravel_pytree(snap.params)[0].dtype
+    dtype = params_dtype(snap.params)
     eps_value = np.asarray(-np.inf if eps is None else eps, dtype)
     resumed_from = saved_at = snap.step
     # The params before the last step, to undo a step that leads to a non-finite cost.
-    prev = (snap.params, snap.state, jnp.asarray(False))
+    prev = (snap.params, snap.state, np.bool_(False))
     bar = _progress_bar(progress, max_steps, snap.step, "step")
     done = bad = rolled_back = stopped = solve_bad = cost_overflow = False
     final_cost = None
@@ -606,7 +612,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
                 # The last step of the chunk led where the cost is not finite: undo it here,
                 # as the next chunk would have, so neither the result nor a checkpoint keeps it.
                 cost_overflow = bool(jnp.all(jnp.isfinite(_outputs(problem, params))))
-                params, state, has_prev = prev_params, prev_state, jnp.asarray(False)
+                params, state, has_prev = prev_params, prev_state, np.bool_(False)
                 bad = rolled_back = True
             if rolled_back:  # the last step (maybe of an earlier chunk) is undone: the cost
                 # before it is the cost where the run now stands
