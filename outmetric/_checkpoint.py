@@ -283,10 +283,7 @@ def _write_temporary(path: str, folder: str, arrays: dict[str, np.ndarray]) -> s
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
     return tmp
 
@@ -296,12 +293,18 @@ def _write_atomically(path: str, folder: str, arrays: dict[str, np.ndarray]) -> 
     try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
     _fsync_folder(folder)
+
+
+def _remove_quietly(path: str) -> None:
+    """Remove a temporary file if it is still there (an error on the way out must not hide the
+    error being raised)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _fsync_folder(folder: str) -> None:
