@@ -210,12 +210,14 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
     non-finite cost at the current params means the last step led somewhere the model is not
     finite: that step is undone (`rolled_back`). Non-finite new params are never taken.
 
-    Returns (steps taken, carry, costs before each step (length `chunk`), σ_min(D) of each
-    step's solve (length `chunk`, -1 where not estimated), done, bad, rolled_back,
-    solve_bad, status, cost at the final params). `solve_bad`: the last step's output-metric
-    solve met NaN or inf (in D or the residual), so the step was not taken and the run cannot
-    go on. Only `chunk` is static, so every chunk of every `fit` call with that chunk size
-    reuses one compilation, and where chunks end does not change the arithmetic.
+    Returns (carry, floats, ints), packed so that the host reads the chunk in one transfer:
+    `floats` = (costs before each step (length `chunk`), σ_min(D) of each step's solve (length
+    `chunk`, -1 where not estimated), cost at the final params); `ints` = `ChunkReport`'s
+    fields (steps taken, done, bad, rolled_back, solve_bad, status, cost_overflow, fallbacks,
+    min_rank, has_prev). `solve_bad`: the last step's output-metric solve met NaN or inf (in D
+    or the residual), so the step was not taken and the run cannot go on. Only `chunk` is
+    static, so every chunk of every `fit` call with that chunk size reuses one compilation, and
+    where chunks end does not change the arithmetic.
     """
     params = carry[0]
     dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
@@ -262,9 +264,36 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
     init = (jnp.asarray(0, jnp.int32), carry, costs, sigmas, jnp.asarray(False),
             jnp.asarray(False), jnp.asarray(False), jnp.asarray(False), running,
             jnp.asarray(False))
-    out = jax.lax.while_loop(cond, body, init)
-    final_cost = problem.cost(out[1][0]).astype(dtype)
-    return (*out, final_cost)
+    (taken, carry, costs, sigmas, done, bad, rolled_back, solve_bad, status,
+     cost_overflow) = jax.lax.while_loop(cond, body, init)
+    final_cost = problem.cost(carry[0]).astype(dtype)
+    floats = jnp.concatenate([costs, sigmas, final_cost[None]])
+    ints = jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in (
+        taken, done, bad, rolled_back, solve_bad, status, cost_overflow, carry[5], carry[6],
+        carry[4])])
+    return carry, floats, ints
+
+
+class ChunkReport(NamedTuple):
+    """What the host reads of a chunk (`_run_chunk`'s `ints`)."""
+
+    taken: int
+    done: bool
+    bad: bool
+    rolled_back: bool
+    solve_bad: bool
+    status: int
+    cost_overflow: bool
+    fallbacks: int
+    min_rank: int
+    has_prev: bool
+
+    @classmethod
+    def read(cls, ints: np.ndarray) -> "ChunkReport":
+        (taken, done, bad, rolled_back, solve_bad, status, cost_overflow, fallbacks, min_rank,
+         has_prev) = ints.tolist()
+        return cls(taken, bool(done), bool(bad), bool(rolled_back), bool(solve_bad), status,
+                   bool(cost_overflow), fallbacks, min_rank, bool(has_prev))
 
 
 def _is_real_number(value) -> bool:
@@ -342,8 +371,10 @@ def fit(
     is lost; wrap the optimizer in `optax.apply_if_finite` to skip non-finite updates instead.
     """
     check_problem(problem)
-    check_params(params)
-    problem.size_from(params)
+    check_params(params, values=False)  # the values are checked with the first cost, below
+    # (through the class: an equinox method looked up on the instance builds a bound-method
+    # module each time, a tenth of a tiny fit)
+    type(problem).size_from(problem, params)
     if optimizer is None:
         optimizer = _default_optimizer()
     if not isinstance(optimizer, optax.GradientTransformation):
@@ -370,10 +401,17 @@ def fit(
     _warn_discarded_upstream(optimizer)
     optimizer = optax.with_extra_args_support(optimizer)
     if batches is None:  # (the mini-batch form checks each batch's cost as it comes)
-        cost0 = float(_cost(problem, params))  # also checks apply_fn's output shape early
+        # One compiled call: C(θ₀) (which also checks apply_fn's output shape early), whether
+        # θ₀ is finite, and the optimizer's initial state.
+        cost0, params_finite, state = _compiled_start(optimizer)(problem, params)
+        cost0, params_finite = jax.device_get((cost0, params_finite))
+        if not params_finite:
+            check_params(params)  # raises, naming params
         if not math.isfinite(cost0):
             raise ValueError(f"fit: {nonfinite_cost_message(problem, params)}")
-    state = _init(optimizer, params)
+    else:
+        check_params(params)
+        state = _init(optimizer, params)
     start = _Progress(0, params, state, (), 0, -1, ())
     fingerprint = _data_fingerprint(problem, params, batches) if checkpoint is not None else None
     lock = contextlib.nullcontext()
@@ -595,20 +633,18 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
                 num = min(num, every - snap.step % every)
             carry = (snap.params, snap.state, *prev, np.int32(snap.fallback_steps),
                      np.int32(snap.min_rank))
-            (taken, carry, costs, sigmas, done_c, bad_c, back_c, solve_bad_c, status_c,
-             cost_overflow_c, final_c) = run_chunk(problem, carry, np.int32(num), eps_value)
-            # one transfer for all the host needs
-            (taken, costs, sigmas, done, bad, rolled_back, solve_bad, cost_overflow, status_c,
-             final_cost) = jax.device_get((taken, costs, sigmas, done_c, bad_c, back_c,
-                                           solve_bad_c, cost_overflow_c, status_c, final_c))
-            taken, done, bad, rolled_back = int(taken), bool(done), bool(bad), bool(rolled_back)
-            solve_bad, cost_overflow = bool(solve_bad), bool(cost_overflow)
-            status = RESULTS(int(status_c))
-            final_cost = float(final_cost)
-            history = snap.costs + tuple(costs[:taken].tolist())
-            sigma_history = snap.sigmas + tuple(sigmas[:taken].tolist())
-            params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
-            if not bad and not math.isfinite(final_cost) and bool(has_prev):
+            carry, floats, ints = run_chunk(problem, carry, np.int32(num), eps_value)
+            floats, ints = jax.device_get((floats, ints))  # all the host needs, at once
+            report = ChunkReport.read(ints)
+            taken, done, bad, rolled_back, solve_bad = report[:5]
+            cost_overflow = report.cost_overflow
+            status = RESULTS(report.status)
+            final_cost = float(floats[-1])
+            history = snap.costs + tuple(floats[:taken].tolist())
+            sigma_history = snap.sigmas + tuple(floats[chunk:chunk + taken].tolist())
+            params, state, prev_params, prev_state, has_prev, _, _ = carry
+            fallbacks, min_rank = report.fallbacks, report.min_rank
+            if not bad and not math.isfinite(final_cost) and report.has_prev:
                 # The last step of the chunk led where the cost is not finite: undo it here,
                 # as the next chunk would have, so neither the result nor a checkpoint keeps it.
                 cost_overflow = bool(jnp.all(jnp.isfinite(_outputs(problem, params))))
@@ -688,6 +724,15 @@ def _init(optimizer, params):
 @functools.lru_cache(maxsize=64)
 def _compiled_init(optimizer) -> Callable:
     return jax.jit(optimizer.init)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_start(optimizer) -> Callable:
+    """(C(θ₀), θ₀ finite?, optimizer.init(θ₀)) in one compiled call: a tiny fit pays one
+    dispatch and one transfer before its first chunk, not three."""
+    def start(problem, params):
+        return problem.cost(params), _all_finite(params), optimizer.init(params)
+    return jax.jit(start)
 
 
 @eqx.filter_jit

@@ -67,8 +67,9 @@ def _describe(x) -> str:
     return f"{type(x).__name__} of dtype {dtype}" if dtype is not None else type(x).__name__
 
 
-def check_params(params: PyTree) -> None:
-    """Static checks on a parameter pytree: non-empty, real floating leaves, finite values.
+def check_params(params: PyTree, *, values: bool = True) -> None:
+    """Static checks on a parameter pytree: non-empty, real floating leaves, finite values
+    (the last read from the arrays, only with `values=True`).
 
     Raises ``TypeError`` for integer, boolean, complex or half-precision leaves and
     ``ValueError`` for an empty tree or non-finite values; each message names ``params``.
@@ -101,7 +102,8 @@ def check_params(params: PyTree) -> None:
             )
     if not any(np.size(leaf) for leaf in leaves):
         raise ValueError("params has no entries (K = 0 parameters): there is nothing to train")
-    _check_finite("params", params)
+    if values:
+        _check_finite("params", params)
 
 
 def params_dtype(params: PyTree):
