@@ -6,7 +6,8 @@ For a few NIST datasets (the tiny fits where a per-call overhead shows most), th
 ``outmetric.fit(problem, x0, progress=False)`` is timed warm (median of `--repeats`), and so is
 the same number of optimizer steps run as one compiled chunk, called directly (`_fit`'s own
 compiled loop, no host work around it). The difference is fit's fixed cost per call: argument
-checks, the initial cost, the optimizer's init, dispatch, one host transfer and the result.
+checks, the compiled prologue (initial cost, finite check, the optimizer's init), dispatch, one
+host transfer and the result.
 Writes ``fit_overhead.json`` under `--out` (default `benchmarks/results`).
 """
 
@@ -49,8 +50,8 @@ def measure(name: str, data_dir: str, repeats: int) -> dict:
     result = om.fit(problem, x0, optimizer, progress=False)
     fit_ms = _median_ms(lambda: om.fit(problem, x0, optimizer, progress=False).params, repeats)
     wrapped = optax.with_extra_args_support(optimizer)
-    state = _fit._init(wrapped, x0)
-    carry = (x0, state, x0, state, np.bool_(False), np.int32(0), np.int32(-1))
+    values, _, state = _fit._compiled_start(wrapped, False)(problem, x0)
+    carry = (x0, state, *values, np.int32(0), np.int32(-1))
     chunk = _fit._compiled_chunk(wrapped, False, 100)
     chunk_ms = _median_ms(
         lambda: chunk(problem, carry, np.int32(result.num_steps), np.asarray(-np.inf)), repeats)

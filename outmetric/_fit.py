@@ -189,6 +189,13 @@ def _select(flag, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
+def _values(problem, params, use_grad):
+    """(C(params), ∇C(params) or None): what a step needs at its params."""
+    if use_grad:
+        return jax.value_and_grad(problem.cost)(params)
+    return problem.cost(params), None
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_chunk(optimizer, use_grad: bool, chunk: int) -> Callable:
     """`_run_chunk` for one optimizer, gradient use and chunk length, under `jax.jit`.
@@ -203,27 +210,28 @@ def _compiled_chunk(optimizer, use_grad: bool, chunk: int) -> Callable:
 def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
     """Up to `num` ≤ `chunk` steps in one compiled `while_loop`.
 
-    `carry` is (params, state, prev_params, prev_state, has_prev, fallbacks, min_rank), where
-    `prev_*` are the params and state before the last step taken (`has_prev` says whether there
-    is one). The loop stops at C ≤ eps, at a non-finite value, or when the optimizer's state
-    reports a termination status (`RESULTS`; the update that reports it is kept). A
-    non-finite cost at the current params means the last step led somewhere the model is not
-    finite: that step is undone (`rolled_back`). Non-finite new params are never taken.
+    `carry` is (params, state, cost, grads, fallbacks, min_rank): the cost C(params) (finite)
+    and, for optimizers that use it, the gradient there (else None), evaluated where the step
+    to params was judged. Each step is judged by its candidate: the new params are taken only
+    if they are finite, the solve met no NaN or inf, and C is finite there; C and ∇C at the
+    candidate, needed for that test, are the next step's. So a step that leads where the model
+    is not finite is never taken (no previous state is carried to undo it), and each step
+    evaluates C (and ∇C) once. The loop stops at C ≤ eps, at a step not taken, or when the
+    optimizer's state reports a termination status (`RESULTS`; the update that reports it is
+    kept).
 
     Returns (carry, floats, ints), packed so that the host reads the chunk in one transfer:
     `floats` = (costs before each step (length `chunk`), σ_min(D) of each step's solve (length
     `chunk`, -1 where not estimated), cost at the final params); `ints` = `ChunkReport`'s
-    fields (steps taken, done, bad, rolled_back, solve_bad, status, cost_overflow, fallbacks,
-    min_rank, has_prev). `solve_bad`: the last step's output-metric solve met NaN or inf (in D
-    or the residual), so the step was not taken and the run cannot go on. Only `chunk` is
-    static, so every chunk of every `fit` call with that chunk size reuses one compilation, and
-    where chunks end does not change the arithmetic.
+    fields. Only `chunk` is static, so every chunk of every `fit` call with that chunk size
+    reuses one compilation, and where chunks end does not change the arithmetic.
     """
-    params = carry[0]
+    params, _, cost, _, _, _ = carry
     dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
     costs = jnp.full(chunk, jnp.nan, dtype)
     sigmas = jnp.full(chunk, -1.0, dtype)
     running = jnp.asarray(RESULTS.running, jnp.int32)
+    false = jnp.asarray(False)
 
     def cond(loop):
         i, _, _, _, done, bad, _, _, status, _ = loop
@@ -231,69 +239,69 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
 
     def body(loop):
         i, carry, costs, sigmas, _, _, _, _, _, _ = loop
-        params, state, prev_params, prev_state, has_prev, fallbacks, min_rank = carry
-        cost, new_params, new_state, params_ok = _step(optimizer, problem, params, state,
-                                                       use_grad)
-        costs = costs.at[i].set(cost.astype(dtype))
-        cost_ok = jnp.isfinite(cost)
-        done = cost_ok & (cost <= eps)
+        params, state, cost, grads, fallbacks, min_rank = carry
+        gradient = grads if use_grad else jax.tree_util.tree_map(jnp.zeros_like, params)
+        updates, new_state = optimizer.update(gradient, state, params, problem=problem,
+                                              full_params=params)
+        new_params = optax.apply_updates(params, updates)
         fallback, rank, sigma, solve_ok, status = _solve_report(new_state)
-        solve_bad = cost_ok & ~done & ~solve_ok
-        advance = cost_ok & params_ok & solve_ok & ~done
-        rolled_back = ~cost_ok & has_prev
+        new_cost, new_grads = _values(problem, new_params, use_grad)
+        params_ok = _all_finite(new_params)
+        cost_ok = jnp.isfinite(new_cost)
+        advance = params_ok & solve_ok & cost_ok
+        nonfinite_cost = params_ok & solve_ok & ~cost_ok
         # A non-finite cost from finite outputs: the loss overflows the dtype, not the model.
         cost_overflow = jax.lax.cond(
-            cost_ok, lambda: jnp.asarray(False),
-            lambda: jnp.all(jnp.isfinite(problem.outputs(params))))
+            nonfinite_cost, lambda: jnp.all(jnp.isfinite(problem.outputs(new_params))),
+            lambda: jnp.asarray(False))
+        costs = costs.at[i].set(cost.astype(dtype))
         sigmas = sigmas.at[i].set(sigma.astype(dtype))
-        carry = (
-            _select(advance, new_params, _select(rolled_back, prev_params, params)),
-            _select(advance, new_state, _select(rolled_back, prev_state, state)),
-            _select(advance, params, prev_params),
-            _select(advance, state, prev_state),
-            advance | (has_prev & ~rolled_back),
-            fallbacks + (advance & fallback).astype(fallbacks.dtype),
-            jnp.where(advance, _merge_rank(min_rank, rank), min_rank),
-        )
+        carry = (*_select(advance, (new_params, new_state, new_cost.astype(dtype), new_grads),
+                          (params, state, cost, grads)),
+                 fallbacks + (advance & fallback).astype(fallbacks.dtype),
+                 jnp.where(advance, _merge_rank(min_rank, rank), min_rank))
         # An overflowing Gram is reported whatever the solve did with it.
         keep = advance | (status == RESULTS.overflow)
-        status = jnp.where(done, RESULTS.eps_reached, jnp.where(keep, status, running))
-        return (i + advance.astype(i.dtype), carry, costs, sigmas, done, ~advance & ~done,
-                rolled_back, solve_bad, status.astype(jnp.int32), cost_overflow)
+        status = jnp.where(keep, status, running)
+        done = advance & (status == running) & (new_cost <= eps)
+        status = jnp.where(done, RESULTS.eps_reached, status)
+        return (i + advance.astype(i.dtype), carry, costs, sigmas, done, ~advance,
+                nonfinite_cost, ~solve_ok, status.astype(jnp.int32), cost_overflow)
 
-    init = (jnp.asarray(0, jnp.int32), carry, costs, sigmas, jnp.asarray(False),
-            jnp.asarray(False), jnp.asarray(False), jnp.asarray(False), running,
-            jnp.asarray(False))
-    (taken, carry, costs, sigmas, done, bad, rolled_back, solve_bad, status,
+    done = cost <= eps  # (a resumed run may start there)
+    init = (jnp.asarray(0, jnp.int32), carry, costs, sigmas, done, false, false, false,
+            jnp.where(done, RESULTS.eps_reached, running).astype(jnp.int32), false)
+    (taken, carry, costs, sigmas, done, bad, nonfinite_cost, solve_bad, status,
      cost_overflow) = jax.lax.while_loop(cond, body, init)
-    final_cost = problem.cost(carry[0]).astype(dtype)
-    floats = jnp.concatenate([costs, sigmas, final_cost[None]])
+    floats = jnp.concatenate([costs, sigmas, carry[2].astype(dtype)[None]])
     ints = jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in (
-        taken, done, bad, rolled_back, solve_bad, status, cost_overflow, carry[5], carry[6],
-        carry[4])])
+        taken, done, bad, nonfinite_cost, solve_bad, status, cost_overflow, carry[4], carry[5])])
     return carry, floats, ints
 
 
 class ChunkReport(NamedTuple):
-    """What the host reads of a chunk (`_run_chunk`'s `ints`)."""
+    """What the host reads of a chunk (`_run_chunk`'s `ints`): steps taken; whether C ≤ eps was
+    reached; whether a step was not taken (bad), because C was not finite at it
+    (nonfinite_cost) or its solve met NaN or inf (solve_bad); the status; whether the
+    non-finite C came from finite outputs (cost_overflow); the fallback count and the
+    smallest rank so far."""
 
     taken: int
     done: bool
     bad: bool
-    rolled_back: bool
+    nonfinite_cost: bool
     solve_bad: bool
     status: int
     cost_overflow: bool
     fallbacks: int
     min_rank: int
-    has_prev: bool
 
     @classmethod
     def read(cls, ints: np.ndarray) -> "ChunkReport":
-        (taken, done, bad, rolled_back, solve_bad, status, cost_overflow, fallbacks, min_rank,
-         has_prev) = ints.tolist()
-        return cls(taken, bool(done), bool(bad), bool(rolled_back), bool(solve_bad), status,
-                   bool(cost_overflow), fallbacks, min_rank, bool(has_prev))
+        (taken, done, bad, nonfinite_cost, solve_bad, status, cost_overflow, fallbacks,
+         min_rank) = ints.tolist()
+        return cls(taken, bool(done), bool(bad), bool(nonfinite_cost), bool(solve_bad), status,
+                   bool(cost_overflow), fallbacks, min_rank)
 
 
 def _is_real_number(value) -> bool:
@@ -397,19 +405,20 @@ def fit(
                         f"got {type(batches).__name__}")
     checkpoint = _checkpoint_path(checkpoint_dir, checkpoint_every, resume)
     max_steps = int(max_steps)
-    use_grad = _uses_gradient(optimizer)
+    use_grad = bool(_uses_gradient(optimizer))
     _warn_discarded_upstream(optimizer)
     optimizer = optax.with_extra_args_support(optimizer)
     if batches is None:  # (the mini-batch form checks each batch's cost as it comes)
         # One compiled call: C(θ₀) (which also checks apply_fn's output shape early), whether
         # θ₀ is finite, and the optimizer's initial state.
-        cost0, params_finite, state = _compiled_start(optimizer)(problem, params)
-        cost0, params_finite = jax.device_get((cost0, params_finite))
+        values, params_finite, state = _compiled_start(optimizer, use_grad)(problem, params)
+        cost0, params_finite = jax.device_get((values[0], params_finite))
         if not params_finite:
             check_params(params)  # raises, naming params
         if not math.isfinite(cost0):
             raise ValueError(f"fit: {nonfinite_cost_message(problem, params)}")
     else:
+        values = None
         check_params(params)
         state = _init(optimizer, params)
     start = _Progress(0, params, state, (), 0, -1, ())
@@ -438,12 +447,15 @@ def fit(
         interactive = progress or callback is not None or checkpoint is not None
         chunk = int(chunk_size or (10 if interactive else 100))
         every = int(checkpoint_every or chunk) if checkpoint is not None else None
-        run = _fit_batches if batches is not None else _fit_full
         if checkpoint is not None:  # a folder that cannot take the checkpoint fails now
             check_writable(checkpoint, start.params, start.state, max_steps, extra=fingerprint)
         checkpoint = None if checkpoint is None else (checkpoint, fingerprint)
-        return run(problem, optimizer, start, eps, max_steps, callback, progress, chunk, batches,
-                   use_grad, checkpoint, every)
+        args = (problem, optimizer, start, eps, max_steps, callback, progress, chunk, batches,
+                use_grad, checkpoint, every)
+        if batches is not None:
+            return _fit_batches(*args)
+        # (resumed: the values at the checkpoint's params are evaluated there)
+        return _fit_full(*args, values=values if start.step == 0 else None)
 
 
 def _data_fingerprint(problem: AbstractProblem, params: PyTree, batches) -> dict[str, str]:
@@ -612,52 +624,39 @@ def _finite_cost_message(what: str, step: int) -> str:
 
 
 def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chunk, batches,
-              use_grad, checkpoint, every):
+              use_grad, checkpoint, every, values=None):
+    """The full-batch loop; `values` = (C, ∇C or None) at `snap.params` when known."""
     dtype = params_dtype(snap.params)
     eps_value = np.asarray(-np.inf if eps is None else eps, dtype)
     resumed_from = saved_at = snap.step
-    # The params before the last step, to undo a step that leads to a non-finite cost.
-    prev = (snap.params, snap.state, np.bool_(False))
     bar = _progress_bar(progress, max_steps, snap.step, "step")
-    done = bad = rolled_back = stopped = solve_bad = cost_overflow = False
+    done = bad = nonfinite_cost = stopped = solve_bad = cost_overflow = False
     final_cost = None
     # A run resumed from the checkpoint of a finished run has nothing left to do.
     status = (RESULTS(int(_solve_report(snap.state)[4])) if snap.step > 0
               else RESULTS.running)
     run_chunk = _compiled_chunk(optimizer, bool(use_grad), int(chunk))
+    if values is None:
+        values = _compiled_values(bool(use_grad))(problem, snap.params)
+    carry = (snap.params, snap.state, *values, np.int32(snap.fallback_steps),
+             np.int32(snap.min_rank))
     try:
         while (snap.step < max_steps and not (done or bad or stopped)
                and status == RESULTS.running):
             num = min(chunk, max_steps - snap.step)
             if every is not None:
                 num = min(num, every - snap.step % every)
-            carry = (snap.params, snap.state, *prev, np.int32(snap.fallback_steps),
-                     np.int32(snap.min_rank))
             carry, floats, ints = run_chunk(problem, carry, np.int32(num), eps_value)
             floats, ints = jax.device_get((floats, ints))  # all the host needs, at once
             report = ChunkReport.read(ints)
-            taken, done, bad, rolled_back, solve_bad = report[:5]
+            taken, done, bad, nonfinite_cost, solve_bad = report[:5]
             cost_overflow = report.cost_overflow
             status = RESULTS(report.status)
             final_cost = float(floats[-1])
             history = snap.costs + tuple(floats[:taken].tolist())
             sigma_history = snap.sigmas + tuple(floats[chunk:chunk + taken].tolist())
-            params, state, prev_params, prev_state, has_prev, _, _ = carry
-            fallbacks, min_rank = report.fallbacks, report.min_rank
-            if not bad and not math.isfinite(final_cost) and report.has_prev:
-                # The last step of the chunk led where the cost is not finite: undo it here,
-                # as the next chunk would have, so neither the result nor a checkpoint keeps it.
-                cost_overflow = bool(jnp.all(jnp.isfinite(_outputs(problem, params))))
-                params, state, has_prev = prev_params, prev_state, np.bool_(False)
-                bad = rolled_back = True
-            if rolled_back:  # the last step (maybe of an earlier chunk) is undone: the cost
-                # before it is the cost where the run now stands
-                final_cost = history[-1] if history else final_cost
-                history = history[:-1]
-                sigma_history = sigma_history[:-1]
-            prev = (prev_params, prev_state, has_prev)
-            snap = _Progress(len(history), params, state, history, int(fallbacks), int(min_rank),
-                             sigma_history)
+            snap = _Progress(len(history), carry[0], carry[1], history, report.fallbacks,
+                             report.min_rank, sigma_history)
             bar.n = snap.step
             bar.set_postfix(cost=f"{history[-1] if history else float('nan'):.3e}")
             if every is not None and not bad and snap.step % every == 0:
@@ -673,7 +672,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     finally:
         bar.close()
     if final_cost is None:
-        final_cost = float(_cost(problem, snap.params))
+        final_cost = float(carry[2])
     overflow = status == RESULTS.overflow and not done
     if done:
         status = RESULTS.eps_reached
@@ -698,11 +697,11 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             raise NonFiniteError(_overflow_message(problem, snap.params, snap.step), result)
         if solve_bad:
             what = "the output-metric solve met NaN or inf in the Jacobian or the residual"
-        elif (rolled_back or not math.isfinite(final_cost)) and cost_overflow:
+        elif nonfinite_cost and cost_overflow:
             what = (f"the cost became non-finite while the model's outputs stayed finite: the "
                     f"{problem.loss} cost overflows {jnp.dtype(dtype)} (rescale the targets and "
                     "the model's outputs)")
-        elif rolled_back or not math.isfinite(final_cost):
+        elif nonfinite_cost:
             what = "the cost became non-finite"
         else:
             what = "the update gave non-finite parameters"
@@ -727,12 +726,17 @@ def _compiled_init(optimizer) -> Callable:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_start(optimizer) -> Callable:
-    """(C(θ₀), θ₀ finite?, optimizer.init(θ₀)) in one compiled call: a tiny fit pays one
-    dispatch and one transfer before its first chunk, not three."""
+def _compiled_start(optimizer, use_grad: bool) -> Callable:
+    """((C(θ₀), ∇C(θ₀) or None), θ₀ finite?, optimizer.init(θ₀)) in one compiled call: a tiny
+    fit pays one dispatch and one transfer before its first chunk, not three."""
     def start(problem, params):
-        return problem.cost(params), _all_finite(params), optimizer.init(params)
+        return _values(problem, params, use_grad), _all_finite(params), optimizer.init(params)
     return jax.jit(start)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_values(use_grad: bool) -> Callable:
+    return jax.jit(functools.partial(_values, use_grad=use_grad))
 
 
 @eqx.filter_jit
