@@ -709,12 +709,6 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     return result
 
 
-@jax.jit
-def _cost(problem, params):
-    """C(params), compiled once per problem structure (the eager call costs milliseconds)."""
-    return problem.cost(params)
-
-
 def _init(optimizer, params):
     """optimizer.init(params), compiled once per optimizer (`_compiled_init`)."""
     return _compiled_init(optimizer)(params)
