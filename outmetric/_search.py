@@ -159,19 +159,19 @@ def _accelerated(factor, lam, damped: DampedStep, acceleration: Callable, inv_sq
     r"""The trial at λ with geodesic acceleration (Transtrum & Sethna, arXiv:1201.5885), the
     better of the plain step and the accelerated one.
 
-    Along $	heta(t) = 	heta - t\,u$, $u = S^{-1/2}	ilde\delta(\lambda)$, the outputs are
-    $x - tDu + 	frac12 t^2 x''_u$ with $x''_u = 	frac{d^2}{dt^2}x(	heta + tu)|_0$ (a JVP of a
+    Along $\theta(t) = \theta - t\,u$, $u = S^{-1/2}\tilde\delta(\lambda)$, the outputs are
+    $x - tDu + \tfrac12 t^2 x''_u$ with $x''_u = \frac{d^2}{dt^2}x(\theta + tu)|_0$ (a JVP of a
     JVP: a few forward passes, no Jacobian). The linear model assumes the last term away; the
-    acceleration $	ilde a = (	ilde D^	op	ilde D + \lambda I)^+	ilde D^	op x''_u$ (the same
+    acceleration $\tilde a = (\tilde D^\top\tilde D + \lambda I)^+\tilde D^\top x''_u$ (the same
     factorization, `SpectralFactor.solve_for`) cancels it to second order: the step
-    $$\eta\,S^{-1/2}ig(	ilde\delta + 	frac12\eta\,	ilde aig)$$
+    $$\eta\,S^{-1/2}\big(\tilde\delta + \tfrac12\eta\,\tilde a\big)$$
     moves the outputs by $-\eta Du$, as the model predicted, up to the part of $x''_u$ outside
     the range of $\tilde D$ (and λ's damping of the rest) and $O(\eta^3)$; so on curved valleys
-    (PINNs) ρ stays near 1 and the radius grows where the plain step's ρ ≈ ½ holds it. It is
-    tried when $2\eta\|	ilde a\| \le$ `ACCELERATION_RATIO`$\cdot\|	ilde\delta\|$ (the
-    expansion is trusted only while the correction is small) and taken when its cost is lower
-    than the plain step's (one more cost evaluation per trial). ρ is against the prediction
-    for δ(λ), which the acceleration is there to realise.
+    (PINNs) ρ comes near 1 on many updates and the radius grows, where the plain step's ρ
+    between ¼ and ¾ only ever holds or halves it. It is tried when $2\eta\|\tilde a\| \le$ `ACCELERATION_RATIO`$\cdot\|\tilde\delta\|$
+    (the expansion is trusted only while the correction is small) and taken when its cost is
+    lower than the plain step's (one more cost evaluation per trial). ρ is against the
+    prediction for δ(λ), which the acceleration is there to realise.
     """
     plain = evaluate(damped, inv_sqrt_scale, eta, cost0, trial_cost, num_samples)
     accel = factor.solve_for(lam, acceleration(inv_sqrt_scale * damped.delta))

@@ -376,7 +376,7 @@ def output_metric_descent(
       the same factorization, of the outputs' second directional derivative along
       $\delta_k$ (one JVP of a JVP per trial; `outmetric._search._accelerated`), which keeps
       the outputs on the model's straight line to second order (on the heat PINN it takes
-      the L² error to 1e-7 in ≈400 updates instead of > 1 000).
+      the L² error to 1e-7 in ≈ 330 updates instead of > 1 000).
     - `damping="adaptive"` with `"cholesky"` (the wide side's default) or `"qr"`: Levenberg–
       Marquardt with Nielsen's rule, one Cholesky of the damped Gram per λ tried; λ starts at
       `initial_damping` times the mean diagonal of the (scaled) Gram (`_search.levenberg_marquardt`).
