@@ -592,7 +592,8 @@ def run_problem(bench: PinnBench, *, budget_s: float, max_steps: int, quick: boo
         return row
 
     rows["outmetric"] = go(om.output_metric_descent(), "outmetric", budget_s, max_steps, 10,
-                           "output_metric_descent(): adaptive (LM) damping, Cholesky")
+                           "output_metric_descent(): the default (tall side: trust region "
+                           "on the SVD, scaled damping, geodesic acceleration)")
     if "engd" in methods:
         rows["engd"] = go(engd(), "engd", budget_s, max_steps, 10,
                           "ENGD as published: lstsq of the Gram, grid line search over 2^-k")

@@ -3,8 +3,8 @@
     python -m benchmarks.step_rules [--only nist illc sinc pinn_poisson heat] [--out DIR]
 
 Variants of `output_metric_descent` on the tall-side problems, where the default changed
-(issue #12): MINPACK's trust region with scaled damping (the default), the same with isotropic
-damping, Nielsen's Levenberg–Marquardt with scaled damping, and the round-1 default
+(issue #12): MINPACK's trust region with scaled damping and geodesic acceleration (the
+default), the same without the acceleration, the same with isotropic damping, Nielsen's Levenberg–Marquardt with scaled damping, and the round-1 default
 (Levenberg–Marquardt, isotropic, Cholesky). Measures, per problem:
 
 - `nist`: datasets × starts solved to LRE ≥ 6 (of 54; data from ../shared/nist or --data);
@@ -35,6 +35,7 @@ import outmetric as om  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "trust region, scaled (default)": {},
+    "trust region, scaled, no geodesic acceleration": {"geodesic_acceleration": False},
     "trust region, isotropic": {"scaling": "identity"},
     "Levenberg–Marquardt, scaled": {"step_rule": "levenberg_marquardt"},
     "round-1 default (LM, isotropic, Cholesky)": {"scaling": "identity", "solver": "cholesky"},

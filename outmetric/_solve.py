@@ -1140,6 +1140,14 @@ class SpectralFactor:
                           jnp.sum(self.values * h**2 * self.weights),
                           jnp.sqrt(jnp.sum(h**2 * self.weights)), result)
 
+    def solve_for(self, lam, rhs: Float[Array, " M"]) -> Float[Array, " K"]:
+        r"""$(\tilde D^\top\tilde D + \lambda I)^{+}\tilde D^\top b$ for another right-hand
+        side b, from the same factorization (O(MK): one product with $\tilde D^\top$)."""
+        h = self._inverse(lam)
+        if self.mode == "wide":
+            return self._lin.rmatvec(self.basis @ (h * (self.basis.T @ rhs)))
+        return self.basis @ (h * (self.basis.T @ self._lin.rmatvec(rhs)))
+
     def damping_for_radius(self, radius, iterations: int = 10) -> Float[Array, ""]:
         r"""MINPACK's `lmpar` in closed form: λ = 0 if $\|\tilde\delta(0)\| \le 1.1\Delta$, else
         λ > 0 with $\|\tilde\delta(\lambda)\| \approx \Delta$, by Newton's method on

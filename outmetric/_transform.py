@@ -342,6 +342,7 @@ def output_metric_descent(
     preconditioner_rank: int | None = None,
     memory_budget: int | None = None,
     track_min_singular_value: bool = False,
+    geodesic_acceleration: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Output-metric descent: the discretised adapted flow with safeguards and stopping tests.
 
@@ -369,7 +370,13 @@ def output_metric_descent(
       `"eigh"`, or `"auto"` on the tall side while D fits): MINPACK's trust region. One SVD of
       $\tilde D$ (or eigendecomposition of its Gram) per update serves every λ, λ solving
       $\|\tilde\delta(\lambda)\| = \Delta$ in closed form, Δ adapted from the gain ratio ρ
-      (`outmetric._search.trust_region`); rank loss is read off the spectrum.
+      (`outmetric._search.trust_region`); rank loss is read off the spectrum. With
+      `geodesic_acceleration=True` (default) each trial is the better of $\delta_k$ and
+      $\delta_k + \tfrac12\eta_k a_k$, $a_k$ the geodesic acceleration: the damped solve, on
+      the same factorization, of the outputs' second directional derivative along
+      $\delta_k$ (one JVP of a JVP per trial; `outmetric._search._accelerated`), which keeps
+      the outputs on the model's straight line to second order (on the heat PINN it takes
+      the L² error to 1e-7 in ≈ 330 updates instead of > 1 000).
     - `damping="adaptive"` with `"cholesky"` (the wide side's default) or `"qr"`: Levenberg–
       Marquardt with Nielsen's rule, one Cholesky of the damped Gram per λ tried; λ starts at
       `initial_damping` times the mean diagonal of the (scaled) Gram (`_search.levenberg_marquardt`).
@@ -415,6 +422,9 @@ def output_metric_descent(
       factorization) is formed once per update and reused by every λ tried.
     - `track_min_singular_value`: record σ_min(D) in `state.min_singular_value` each step (as
       in `scale_by_output_metric`); `fit` collects it into `FitResult.min_singular_values`.
+    - `geodesic_acceleration`: try the second-order correction of each trust-region trial
+      (above; needs a model that forward-mode AD can differentiate twice). No effect on the
+      other step rules.
 
     Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
     """
@@ -449,6 +459,7 @@ def output_metric_descent(
     max_trials = int(tries) if tries is not None else 30
     _check_nonnegative("initial_damping", initial_damping)
     _check_flag("track_min_singular_value", track_min_singular_value)
+    _check_flag("geodesic_acceleration", geodesic_acceleration)
     _check_solve_options(rtol, cg_tol, cg_max_steps)
     _check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
@@ -560,9 +571,10 @@ def output_metric_descent(
                                    xnorm=xnorm, ftol=ftol_, xtol=xtol_, max_trials=max_trials,
                                    enabled=linesearch == "backtracking")
         elif spectral and step_rule in ("auto", "trust_region"):
+            accel = _second_derivative(problem, lin, dtype) if geodesic_acceleration else None
             outcome = trust_region(factor, *common, radius=state.radius,
                                    first=state.radius < 0, xnorm=xnorm, ftol=ftol_, xtol=xtol_,
-                                   max_trials=max_trials)
+                                   max_trials=max_trials, acceleration=accel)
         else:
             mean_diagonal = _mean_gram_diagonal(scaled_lin, gradient)
             lam0 = jnp.where(state.damping < 0, initial_damping * mean_diagonal, state.damping)
@@ -608,6 +620,22 @@ def output_metric_descent(
 
     GRADIENT_FREE.add(update_fn)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _second_derivative(problem, lin, dtype):
+    r"""u ↦ $x''_u = \frac{d^2}{dt^2}x(\theta + tu)|_{t=0}$, flattened: the outputs' second
+    directional derivative at the linearization point, a JVP of a JVP (the geodesic
+    acceleration's right-hand side, `_search._accelerated`)."""
+
+    def outputs(flat):
+        return problem.outputs(lin.unravel(flat))
+
+    def second(direction):
+        def tangent(flat):
+            return jax.jvp(outputs, (flat,), (direction,))[1]
+        return jax.jvp(tangent, (lin.flat_params,), (direction,))[1].reshape(-1).astype(dtype)
+
+    return second
 
 
 def _squares_overflow(lin, column_sq, gradient, cost) -> Array:

@@ -62,6 +62,11 @@ def test_spectral_factor_gives_every_damped_step_and_its_model(shape, use_gram):
         np.testing.assert_allclose(step.norm, np.linalg.norm(want), rtol=tol * 1e2)
         # The O(n) norm agrees with the step's.
         np.testing.assert_allclose(factor.norm(lam), step.norm, rtol=1e-12)
+        # Another right-hand side on the same factorization (the geodesic acceleration's).
+        b = rng.normal(size=r.shape)
+        other = dense_damped(jac, b, lam)
+        np.testing.assert_allclose(factor.solve_for(lam, jnp.asarray(b)), other, rtol=tol * 1e2,
+                                   atol=tol * np.abs(other).max())
 
 
 def test_damping_for_radius_solves_the_secular_equation():
@@ -121,6 +126,40 @@ def test_scaled_damping_is_invariant_to_rescaling_the_parameters():
     u1 = iso.update(None, iso.init(phi), phi, problem=problem)[0]
     u2 = iso.update(None, iso.init(psi), psi, problem=rescaled)[0]
     assert np.max(np.abs(np.asarray(u2) * np.asarray(scale) - np.asarray(u1))) > 1e-3
+
+
+def test_geodesic_acceleration_matches_a_dense_second_order_reference():
+    """The first trust-region update (Gauss–Newton inside the first radius, so λ = 0) against
+    numpy: δ̃ = D̃⁺r, a second derivative of the outputs from the full Hessian tensor, ã =
+    D̃⁺x''_u, and the step S^{-1/2}(δ̃ + ½ã), which here lowers C below the plain step's;
+    farther out, where 2‖ã‖ > ‖δ̃‖/4, the plain step."""
+    problem, _ = exponential_fit()
+    outputs = lambda t: problem.outputs(t).reshape(-1)  # noqa: E731
+    derivatives = jax.jit(lambda t: (jax.jacfwd(outputs)(t), jax.hessian(outputs)(t)))
+    opt = om.output_metric_descent()
+    update = jax.jit(lambda t: opt.update(None, opt.init(t), t, problem=problem))
+    for theta, tried in (([2.6, 1.4, 0.45], True), ([2.2, 1.1, 0.45], False)):
+        _check_first_accelerated_update(problem, jnp.array(theta), tried, derivatives, update)
+
+
+def _check_first_accelerated_update(problem, theta, tried, derivatives, update_fn):
+    outputs = lambda t: problem.outputs(t).reshape(-1)  # noqa: E731
+    jac, hess = map(np.asarray, derivatives(theta))
+    r = np.asarray(outputs(theta) - problem.targets.reshape(-1))
+    inv_sqrt = 1.0 / np.sqrt(np.sum(jac**2, axis=0))
+    scaled = jac * inv_sqrt
+    velocity = np.linalg.lstsq(scaled, r, rcond=None)[0]
+    u = inv_sqrt * velocity
+    accel = np.linalg.lstsq(scaled, np.einsum("mij,i,j->m", hess, u, u), rcond=None)[0]
+    plain, fast = inv_sqrt * velocity, inv_sqrt * (velocity + 0.5 * accel)
+    # The premises: λ = 0, the acceleration small enough to try (or not), better than plain.
+    assert np.linalg.norm(velocity) <= np.linalg.norm(theta / inv_sqrt)
+    assert (0 < 2 * np.linalg.norm(accel) <= 0.25 * np.linalg.norm(velocity)) == tried
+    assert float(problem.cost(theta - fast)) < float(problem.cost(theta - plain))
+    update, state = update_fn(theta)
+    assert float(state.damping) == 0.0
+    np.testing.assert_allclose(-np.asarray(update), fast if tried else plain, rtol=1e-9,
+                               atol=1e-12)
 
 
 def test_a_nonzero_minimum_stops_by_itself_with_a_convergence_code():
@@ -263,6 +302,8 @@ def test_new_arguments_are_checked():
         om.output_metric_descent(xtol=2.0)
     with pytest.raises(ValueError, match="gtol"):
         om.output_metric_descent(gtol="small")
+    with pytest.raises(TypeError, match="geodesic_acceleration"):
+        om.output_metric_descent(geodesic_acceleration="yes")
 
 
 def test_last_step_to_a_nonfinite_cost_is_undone_and_raised():
