@@ -625,7 +625,9 @@ def output_metric_descent(
 def _second_derivative(problem, lin, dtype):
     r"""u ↦ $x''_u = \frac{d^2}{dt^2}x(\theta + tu)|_{t=0}$, flattened: the outputs' second
     directional derivative at the linearization point, a JVP of a JVP (the geodesic
-    acceleration's right-hand side, `_search._accelerated`)."""
+    acceleration's right-hand side, `_search._accelerated`). None when the model has no
+    forward-mode derivative (a `jax.custom_vjp` inside): the trust region then runs without
+    the acceleration, as it would with `geodesic_acceleration=False`."""
 
     def outputs(flat):
         return problem.outputs(lin.unravel(flat))
@@ -635,6 +637,10 @@ def _second_derivative(problem, lin, dtype):
             return jax.jvp(outputs, (flat,), (direction,))[1]
         return jax.jvp(tangent, (lin.flat_params,), (direction,))[1].reshape(-1).astype(dtype)
 
+    try:  # traced once, abstractly, at compile time
+        jax.eval_shape(second, lin.flat_params)
+    except (TypeError, NotImplementedError):
+        return None
     return second
 
 

@@ -162,6 +162,27 @@ def _check_first_accelerated_update(problem, theta, tried, derivatives, update_f
                                atol=1e-12)
 
 
+def test_a_model_without_forward_mode_runs_without_the_acceleration():
+    """A `jax.custom_vjp` model has no JVP of a JVP: the default update is then exactly the
+    one with `geodesic_acceleration=False`, not a tracing error."""
+    @jax.custom_vjp
+    def squash(x):
+        return jnp.tanh(x)
+
+    squash.defvjp(lambda x: (squash(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
+    inputs = jnp.linspace(-1.0, 1.0, 12)[:, None]
+    problem = om.Problem(lambda p, x: squash(p["w"] * x + p["b"]).reshape(1), inputs,
+                         jnp.sin(inputs))
+    params = {"w": jnp.asarray(0.5), "b": jnp.asarray(0.1)}
+    default = om.output_metric_descent()
+    plain = om.output_metric_descent(geodesic_acceleration=False)
+    step = default.update(None, default.init(params), params, problem=problem)[0]
+    reference = plain.update(None, plain.init(params), params, problem=problem)[0]
+    for leaf, other in zip(jax.tree_util.tree_leaves(step), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_array_equal(leaf, other)
+    assert float(jnp.abs(step["w"])) > 0
+
+
 def test_a_nonzero_minimum_stops_by_itself_with_a_convergence_code():
     problem, b0 = exponential_fit()
     result = om.fit(problem, b0, max_steps=500, progress=False)
