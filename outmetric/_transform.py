@@ -393,7 +393,12 @@ def output_metric_descent(
       updates, as in Hessian-free optimisation, and a rejected direction is backtracked
       (α = 1/2, 1/4, …: cost evaluations, no second solve) while the next update solves at
       the larger λ (`_search.one_solve_levenberg_marquardt`). One solve per update, the first
-      included.
+      included. On the wide side with `preconditioner="nystrom"`, or when `"auto"` picks
+      `"cg"` there (`plan_solve`: one M×M Cholesky would cost more than
+      `MATRIX_FREE_PRODUCTS` Gram-vector products), the solve is instead on the output side
+      (`output_space_cg`, forcing on ‖r‖, from z = 0), preconditioned by a Nyström sketch of
+      rank ℓ (`preconditioner_rank`, default `SKETCH_RANK`; under `"auto"` `sketch_rank`)
+      that the state keeps across updates and renews when CG slows (`_reuse_sketch`).
     - `damping=λ` (a number ≥ 0): fixed damping; with `linesearch="backtracking"` the step
       fraction $\alpha_k$ is the largest of 1, 1/2, 1/4, … that decreases C; with
       `linesearch=None` the plain Euler step ($\alpha_k = 1$; for a model linear in θ with
