@@ -267,7 +267,8 @@ class OutputMetricDescentState(NamedTuple):
     - `direction`: the last scaled direction $S^{1/2}\\delta$, the matrix-free solve's warm
       start.
     - `forcing`: the matrix-free solve's relative tolerance for the next update
-      (Eisenstat–Walker), and `gradient_norm` the ‖S^{-1/2}Dᵀr‖ it was computed from.
+      (Eisenstat–Walker), and `gradient_norm` the norm it was computed from: ‖S^{-1/2}Dᵀr‖,
+      or ‖r‖ for the solve on the output side.
     - `solve_converged`, `solve_steps`: whether the last solve reached its tolerance (False
       only for an iterative solve stopped by its iteration cap) and its iterations.
     - `sketch_basis`, `sketch_values`: the Nyström preconditioner of the matrix-free solve on
