@@ -190,10 +190,18 @@ def baselines(num_samples: int, hidden: int | None, dtype, budget_s: float) -> l
                      "seconds": r.seconds, "steps": r.steps, "compile_s": r.compile_seconds,
                      "final_cost": float(r.costs[-1]),
                      "final_relative_cost": float(r.costs[-1]) / cost0,
-                     "trace": [[s, t, c] for s, t, c, _ in r.trace]})
+                     "trace": thin([[s, t, c] for s, t, c, _ in r.trace])})
         print(f"{r.method:>14}: {r.steps} steps in {r.seconds:.1f} s, "
               f"C/C(0) = {rows[-1]['final_relative_cost']:.3e}", flush=True)
     return rows
+
+
+def thin(trace: list, points: int = 300) -> list:
+    """At most about `points` entries of a baseline's trace, evenly spaced, the last kept (the
+    JSON stays small; a trace has one entry per step, thousands for Adam)."""
+    stride = max(1, len(trace) // points)
+    kept = trace[::stride]
+    return kept if kept[-1] == trace[-1] else kept + [trace[-1]]
 
 
 def cost_at(run: dict, seconds: float) -> float:
