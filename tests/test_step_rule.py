@@ -196,8 +196,7 @@ def test_matrix_free_step_meets_its_forcing_tolerance_and_warm_starts():
     assert not bool(capped.solve.converged)
 
 
-@pytest.mark.parametrize("kind", [None, "nystrom"])
-def test_output_side_step_meets_its_forcing_and_equals_the_dense_damped_step(kind):
+def test_output_side_step_meets_its_forcing_and_equals_the_dense_damped_step():
     """Wide side: (DDᵀ + λI)z = r by (Nyström-)preconditioned CG; the forcing bounds the
     output-side residual, and a tight one gives δ = Dᵀz = the dense damped step."""
     problem, params = make_problem("tanh_mlp", n=6, q=2, width=8)  # M = 12 < K
@@ -205,7 +204,7 @@ def test_output_side_step_meets_its_forcing_and_equals_the_dense_damped_step(kin
     assert lin.shape[0] < lin.shape[1]
     r = (problem.outputs(params) - problem.targets).reshape(-1)
     jac = np.asarray(problem.jacobian(params))
-    pre = prepare_preconditioner(lin, kind, 4)
+    pre = jax.jit(lambda: prepare_preconditioner(lin, "nystrom", 4))()
     solve = jax.jit(lambda lam, forcing, pre: output_space_cg(
         lin, r, lam, forcing=forcing, max_steps=200, preconditioner=pre))
     for lam in (1e-6, 1e-2, 1.0):
@@ -221,12 +220,6 @@ def test_output_side_step_meets_its_forcing_and_equals_the_dense_damped_step(kin
         np.testing.assert_allclose(tight.delta, want, rtol=1e-7,
                                    atol=1e-9 * np.abs(want).max())
         np.testing.assert_allclose(tight.model_linear, np.asarray(r) @ (jac @ want), rtol=1e-7)
-    # With a rank-ℓ Nyström of an M = 12 Gram at ℓ = 12 the preconditioned operator is
-    # ≈ (μ̂_ℓ + λ)I: one or two iterations, where plain CG needs about M.
-    full = prepare_preconditioner(lin, "nystrom", 12)
-    fast = solve(1e-2, 1e-10, full)
-    plain = jax.jit(lambda: output_space_cg(lin, r, 1e-2, forcing=1e-10, max_steps=200))()
-    assert int(fast.solve.num_steps) <= 3 < int(plain.solve.num_steps)
 
 
 def test_matrix_free_nystrom_update_is_the_damped_step_at_its_damping():
