@@ -77,13 +77,24 @@ def theorem_run(num_samples: int, hidden: int | None, dtype, *, budget_s: float,
     eps = relative_eps * cost0
     optimizer = (None if solver == "auto" and not options
                  else om.output_metric_descent(solver=solver, **(options or {})))
-    times, dampings, solve_steps = [], [], []
+    times, dampings, solve_steps, sketched, gvps = [], [], [], [], []
+    refresh = [True]  # whether the next update sketches (the state's flag after the last)
     start = time.perf_counter()
 
     def callback(step, params, state, cost):
         times.append(time.perf_counter() - start)
         dampings.append(float(state.damping))
         solve_steps.append(int(getattr(state, "solve_steps", -1)))
+        rank = int(state.sketch_values.shape[0]) if state.sketch_values is not None else 0
+        sketched.append(bool(rank and refresh[0]))
+        refresh[0] = bool(state.sketch_refresh)
+        # Gram-vector products (one JVP + one VJP each) of the matrix-free update: the sketch's
+        # ℓ, the CG iterations, and about 2 more (Dᵀr and the Hutchinson probe, δ = Dᵀz and Dδ).
+        gvps.append(solve_steps[-1] + 2 + (rank if sketched[-1] else 0)
+                    if solve_steps[-1] > 0 else 0)
+        print(f"  step {step}: {times[-1]:.1f} s, C/C(0) = {cost / cost0:.3e}, "
+              f"lambda {dampings[-1]:.3e}, CG iterations {solve_steps[-1]}"
+              f"{', sketched' if sketched[-1] else ''}", flush=True)
         return times[-1] >= budget_s
 
     result = om.fit(problem, params, optimizer, eps=eps, max_steps=max_steps, progress=False,
@@ -104,7 +115,8 @@ def theorem_run(num_samples: int, hidden: int | None, dtype, *, budget_s: float,
         "mean_later_step_s": ((times[-1] - times[0]) / (len(times) - 1)
                               if len(times) > 1 else None),
         "step_end_times_s": times, "costs": costs, "dampings": dampings,
-        "solve_steps": solve_steps,
+        "solve_steps": solve_steps, "sketched": sketched,
+        "gram_vector_products": gvps, "total_gram_vector_products": sum(gvps),
         "per_step_rate": rates, "flow_rate_per_unit_step": math.exp(-2.0),
         "flow_costs": [cost0 * math.exp(-2.0 * k) for k in range(len(costs))],
         "fallback_steps": result.fallback_steps, "budget_s": budget_s, "max_steps": max_steps,
@@ -178,10 +190,18 @@ def baselines(num_samples: int, hidden: int | None, dtype, budget_s: float) -> l
                      "seconds": r.seconds, "steps": r.steps, "compile_s": r.compile_seconds,
                      "final_cost": float(r.costs[-1]),
                      "final_relative_cost": float(r.costs[-1]) / cost0,
-                     "trace": [[s, t, c] for s, t, c, _ in r.trace]})
+                     "trace": thin([[s, t, c] for s, t, c, _ in r.trace])})
         print(f"{r.method:>14}: {r.steps} steps in {r.seconds:.1f} s, "
               f"C/C(0) = {rows[-1]['final_relative_cost']:.3e}", flush=True)
     return rows
+
+
+def thin(trace: list, points: int = 300) -> list:
+    """At most about `points` entries of a baseline's trace, evenly spaced, the last kept (the
+    JSON stays small; a trace has one entry per step, thousands for Adam)."""
+    stride = max(1, len(trace) // points)
+    kept = trace[::stride]
+    return kept if kept[-1] == trace[-1] else kept + [trace[-1]]
 
 
 def cost_at(run: dict, seconds: float) -> float:

@@ -132,6 +132,21 @@ ROUGH_FLOPS_PER_S = {"cpu": 1e10, "gpu": 2e13, "tpu": 5e13}
 #: `plan_solve` logs a WARNING when a step's estimated time exceeds this many seconds.
 SLOW_STEP_SECONDS = 10.0
 
+#: Gram products of a Nyström sketch computed together (vectorized). At QN = 17,970,
+#: K = 71,935 on 2 loaded CPU cores, 32 at a time took the first update as long as 8 at a time
+#: (118 s and 122 s with compilation) and peaked 1.0 GiB higher (3.12 and 2.08 GiB).
+SKETCH_BATCH = 8
+
+#: ℓ of the Nyström sketch that the optimizer keeps across updates on the wide side
+#: (`preconditioner="nystrom"` without a rank, or "auto" picking "cg"; `sketch_rank`).
+SKETCH_RANK = 800
+
+#: "auto" picks the matrix-free "cg" (with the kept Nyström sketch) for the optimizer on the wide
+#: side when one Cholesky of the M×M Gram, M³/3 flops, costs more than this many Gram-vector
+#: products (8NK flops each): measured on digits at QN = 17,970, K = 71,935, one Cholesky is
+#: about 1,900 products and a preconditioned update 100–300 plus the sketch's ℓ once.
+MATRIX_FREE_PRODUCTS = 1000
+
 #: The CG/LSMR iterations a matrix-free step is assumed to take for that estimate.
 ASSUMED_KRYLOV_ITERATIONS = 50
 
@@ -289,6 +304,17 @@ def _auto_plan(damping, num_rows, num_params, itemsize, budget, *, structured, n
         return SolvePlan("svd", chunk_size, "jacobian",
                          f"tall side, D fits: one SVD serves every damping tried (about "
                          f"{_bytes(3 * dense)}); {sizes}")
+    cholesky_flops = small**3 / 3
+    product_flops = 8.0 * num_samples * num_params
+    if many_dampings and wide and not undamped and (
+            cholesky_flops > MATRIX_FREE_PRODUCTS * product_flops):
+        rank = sketch_rank(num_params, itemsize, budget)
+        return SolvePlan("cg", chunk_size, "jacobian",
+                         f"one Cholesky of the {num_rows}² Gram ({cholesky_flops:.1e} flops) costs "
+                         f"more than {MATRIX_FREE_PRODUCTS} Gram-vector products ({product_flops:.1e} "
+                         f"flops each): CG on the output side with a kept Nyström sketch of rank "
+                         f"{rank} (about {_bytes(sketch_bytes(rank, num_rows, num_params, itemsize))}"
+                         f"); {sizes}")
     if not undamped and structured_pays and wide and 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "structured",
                          f"dense layers found; structured Gram ({_bytes(gram)}; the solve "
@@ -309,6 +335,24 @@ def _auto_plan(damping, num_rows, num_params, itemsize, budget, *, structured, n
                              f"D does not fit, its Gram does: chunks of {size} samples; {sizes}")
     method = "lsmr" if undamped else "cg"
     return SolvePlan(method, chunk_size, "jacobian", f"neither D nor its Gram fits; {sizes}")
+
+
+def sketch_rank(num_params: int, itemsize: int, budget: int | None = None) -> int:
+    """ℓ of the Nyström sketch the optimizer keeps when "auto" may pick "cg": `SKETCH_RANK`, at
+    most K/64, and small enough that the kept K×ℓ array takes at most 1/32 of the budget (it is
+    allocated at `init`, before the plan is known, and unused when the plan is a dense one)."""
+    budget = memory_budget() if budget is None else budget
+    return int(max(0, min(SKETCH_RANK, num_params // 64,
+                          budget // (32 * num_params * itemsize))))
+
+
+def sketch_bytes(rank: int, num_rows: int, num_params: int, itemsize: int) -> int:
+    """Memory of a kept Nyström sketch of rank ℓ: 4Kℓb for the K×ℓ array in the optimizer
+    state (the state, the previous state that `fit` keeps to undo a step, and the compiled
+    loop's copies of both), plus 4Mℓb while sketching (the M×ℓ test matrix, its image, the
+    factor B and U). Measured at M = 17,970, K = 71,935, ℓ = 686 (this rule: 2.0 GiB): the first
+    update alone grew the peak RSS by 1.44 GiB."""
+    return rank * (4 * num_params + 4 * num_rows) * itemsize
 
 
 def resolve_solver(solver: str, damping, num_rows: int, num_params: int, dtype, *,
@@ -340,6 +384,10 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
        for a caller that tries many λ per linearization (`many_dampings=True`, the optimizer),
        on the tall side ($K < M$, $K \le$ `SPECTRAL_MAX_PARAMS`) with $3MKb \le B$: `"svd"`, one
        SVD of D for every λ (`SpectralFactor`);
+    1a. for the optimizer (`many_dampings=True`), damped, on the wide side, when one Cholesky
+       of the M×M Gram ($M^3/3$ flops) costs more than `MATRIX_FREE_PRODUCTS` Gram-vector
+       products ($8NK$ flops each): `"cg"`, which the optimizer runs on the output side with a
+       kept Nyström sketch (`output_space_cg`, `sketch_rank`);
     2. damped, the wide side ($M \le K$), dense layers found (`gram_structure`) that make the
        structured Gram pay (`STRUCTURED_MIN_FLOPS`) and $3M^2b \le B$: `"cholesky"` on the
        structured Gram (D never formed);
@@ -429,12 +477,12 @@ def estimate_step_flops(method: str, num_rows: int, num_params: int, num_samples
 
 
 def estimate_memory_bytes(plan: SolvePlan, num_rows: int, num_params: int, itemsize: int,
-                          num_samples: int | None = None) -> int:
+                          num_samples: int | None = None, sketch: int = 0) -> int:
     """The bytes that the "auto" rule budgets for `plan` (M rows, K parameters, n = min(M, K),
     b bytes a number): 3MKb for "qr"/"svd" (D and about one more copy); 2MKb + 3n²b for a
     Cholesky or eigh Gram from a dense D; 3n²b for a structured Gram; for a chunked one, 3n²b
     plus the chunk's per-sample Jacobians (twice on the wide side); 0 for the matrix-free
-    methods (O(K + M))."""
+    methods (O(K + M)), plus `sketch_bytes` for a kept Nyström sketch of rank `sketch`."""
     dense = num_rows * num_params * itemsize
     small = min(num_rows, num_params)
     gram = small * small * itemsize
@@ -447,7 +495,7 @@ def estimate_memory_bytes(plan: SolvePlan, num_rows: int, num_params: int, items
             per_sample = (num_rows // num_samples) * num_params * itemsize
             return 3 * gram + plan.chunk_size * per_sample * (2 if num_rows <= num_params else 1)
         return 2 * dense + 3 * gram
-    return 0
+    return sketch_bytes(sketch, num_rows, num_params, itemsize) if plan.method == "cg" else 0
 
 
 def _warn_if_slow(problem, params, plan: SolvePlan, num_rows, num_params, dtype) -> None:
@@ -833,7 +881,7 @@ def prepare_preconditioner(lin: Linearization, kind: str | None,
       dense): one Jacobian evaluation.
     - `"nystrom"`: the randomized Nyström approximation of rank ℓ = `rank` (default
       min(50, n)) of Frangella, Tropp & Udell (2023), Alg. 2.1: with a Gaussian Ω of ℓ
-      orthonormal columns, $Y = A\Omega$ (ℓ Gram products, 8 at a time), a shift
+      orthonormal columns, $Y = A\Omega$ (ℓ Gram products, `SKETCH_BATCH` at a time), a shift
       $\nu = \sqrt n\,\epsilon\,\|Y\|$, $B = Y_\nu\,\mathrm{chol}(\Omega^\top Y_\nu)^{-\top}$ and
       $B = U\Sigma V^\top$: $\hat\mu = \max(\Sigma^2 - \nu, 0)$. A non-finite sketch (a Gram too
       singular for this precision) leaves U = 0, i.e. no preconditioning.
@@ -856,7 +904,7 @@ def prepare_preconditioner(lin: Linearization, kind: str | None,
     gram_mv = _gram_operator(lin, wide)
     omega = jax.random.normal(jax.random.PRNGKey(0), (size, rank), dtype)
     omega, _ = jnp.linalg.qr(omega)
-    y = jax.lax.map(gram_mv, omega.T, batch_size=min(rank, 8)).T
+    y = jax.lax.map(gram_mv, omega.T, batch_size=min(rank, SKETCH_BATCH)).T
     eps = float(jnp.finfo(dtype).eps)
     nu = jnp.sqrt(float(size)) * eps * jnp.linalg.norm(y)
     y_nu = y + nu * omega
@@ -869,22 +917,25 @@ def prepare_preconditioner(lin: Linearization, kind: str | None,
     return Preconditioner(basis=jnp.where(ok, u, 0.0), eigenvalues=jnp.where(ok, mu, 0.0))
 
 
-def _preconditioner_operator(pre: Preconditioner, lam, structure):
-    r"""$P^{-1}$ for $A + \lambda I$: Jacobi $\mathrm{diag}(A + \lambda I)^{-1}$, or Nyström
+def _preconditioner_apply(pre: Preconditioner, lam, dtype) -> Callable[[Array], Array]:
+    r"""v ↦ $P^{-1}v$ for $A + \lambda I$: Jacobi $\mathrm{diag}(A + \lambda I)^{-1}$, or Nyström
     $(\hat\mu_\ell + \lambda)\,U(\mathrm{diag}\,\hat\mu + \lambda I)^{-1}U^\top + I - UU^\top$
     (Frangella, Tropp & Udell 2023, eq. 5.3)."""
-    dtype = structure.dtype
     if pre.diagonal is not None:
         damped = pre.diagonal + lam
         inverse = jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 1.0)
         inverse = inverse.astype(dtype)
-        apply = lambda v: inverse * v  # noqa: E731
-    else:
-        u, mu = pre.basis, pre.eigenvalues
-        floor = jnp.maximum(lam, float(jnp.finfo(dtype).eps) * mu[0])
-        scale = ((mu[-1] + floor) / (mu + floor) - 1.0).astype(dtype)
-        apply = lambda v: v + u @ (scale * (u.T @ v))  # noqa: E731
-    return lx.FunctionLinearOperator(apply, structure, tags=lx.positive_semidefinite_tag)
+        return lambda v: inverse * v
+    u, mu = pre.basis, pre.eigenvalues
+    floor = jnp.maximum(lam, float(jnp.finfo(dtype).eps) * mu[0])
+    scale = ((mu[-1] + floor) / (mu + floor) - 1.0).astype(dtype)
+    return lambda v: v + u @ (scale * (u.T @ v))
+
+
+def _preconditioner_operator(pre: Preconditioner, lam, structure):
+    """`_preconditioner_apply` as a lineax operator."""
+    return lx.FunctionLinearOperator(_preconditioner_apply(pre, lam, structure.dtype), structure,
+                                     tags=lx.positive_semidefinite_tag)
 
 
 def _cg(lin: Linearization, rhs, lam, tol, max_steps, preconditioner=None,
@@ -1251,3 +1302,67 @@ def normal_equations_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, ini
                          finite)
     return DampedStep(y, jnp.vdot(rhs, image), jnp.vdot(image, image), jnp.linalg.norm(y),
                       result)
+
+
+def output_space_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, forcing,
+                    max_steps: int, preconditioner: Preconditioner | None = None) -> DampedStep:
+    r"""One inexact solve of the damped step on the output side (the wide side, $M \le K$):
+    $(\tilde D\tilde D^\top + \lambda I)z = r$ by preconditioned conjugate gradients from z = 0,
+    matrix-free (one VJP + one JVP per iteration), stopped when
+    $\|r - (\tilde D\tilde D^\top + \lambda I)z\| \le \eta\,\|r\|$ (η = `forcing`) or at
+    `max_steps`; then $\tilde\delta = \tilde D^\top z$.
+
+    Why this side: the linear model's residual after the step is
+    $r - \tilde D\tilde\delta = \lambda z + s$ with s the CG residual, so η bounds the
+    departure from the exact damped step by η‖r‖ in every direction of output space. The K-side
+    residual of `normal_equations_cg` is $\tilde D^\top s$, which weighs s by the singular
+    values: a relative tolerance there leaves the directions of small singular value unresolved,
+    and those are the ones that set the rate once λ is small. `preconditioner` is a
+    `Preconditioner` of $\tilde D\tilde D^\top$ (`prepare_preconditioner`: Nyström or Jacobi)
+    or None; at small λ the Nyström one is what keeps the iterations few.
+    """
+    dtype = lin.flat_params.dtype
+    lam = jnp.asarray(lam, dtype)
+    rhs = rhs.reshape(-1).astype(dtype)
+
+    def operator(z):
+        return lin.matvec(lin.rmatvec(z)) + lam * z
+
+    apply = (lambda v: v) if preconditioner is None else _preconditioner_apply(
+        preconditioner, lam, dtype)
+    bound = forcing * jnp.linalg.norm(rhs)
+    z = jnp.zeros_like(rhs)
+    w = apply(rhs)
+    gamma = jnp.vdot(rhs, w)
+
+    def cond(carry):
+        i, z, r, p, gamma = carry
+        return (i < max_steps) & (jnp.linalg.norm(r) > bound) & (gamma > 0)
+
+    def body(carry):
+        i, z, r, p, gamma = carry
+        ap = operator(p)
+        curvature = jnp.vdot(p, ap)
+        alpha = gamma / jnp.where(curvature > 0, curvature, 1.0)
+        alpha = jnp.where(curvature > 0, alpha, 0.0)
+        z = z + alpha * p
+        r = r - alpha * ap
+        w = apply(r)
+        new_gamma = jnp.vdot(r, w)
+        p = w + (new_gamma / jnp.where(gamma > 0, gamma, 1.0)) * p
+        return i + 1, z, r, p, new_gamma
+
+    steps, z, _, _, _ = jax.lax.while_loop(
+        cond, body, (jnp.asarray(0, jnp.int32), z, rhs, w, gamma))
+    delta = lin.rmatvec(z)
+    image = lin.matvec(delta)  # D̃δ̃ = D̃D̃ᵀz: the model, and the true residual below
+    residual = rhs - image - lam * z
+    finite = (jnp.all(jnp.isfinite(delta)) & jnp.all(jnp.isfinite(image))
+              & jnp.all(jnp.isfinite(residual)))
+    converged = finite & (jnp.linalg.norm(residual) <= 1.01 * bound + jnp.finfo(dtype).tiny)
+    delta = jnp.where(finite, delta, 0.0)
+    image = jnp.where(finite, image, 0.0)
+    result = SolveResult(delta, jnp.asarray(-1, jnp.int32), jnp.asarray(False), converged, steps,
+                         finite)
+    return DampedStep(delta, jnp.vdot(rhs, image), jnp.vdot(image, image),
+                      jnp.linalg.norm(delta), result)

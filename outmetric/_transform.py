@@ -39,17 +39,21 @@ from ._search import (
 from ._solve import (
     MATRIX_FREE,
     PRECONDITIONERS,
+    SKETCH_RANK,
     SOLVERS,
     DirectFactor,
+    Preconditioner,
     SolveResult,
     SpectralFactor,
     check_solver_name,
     default_rtol,
     linearize,
     normal_equations_cg,
+    output_space_cg,
     plan_solve,
     prepare_preconditioner,
     scale_columns,
+    sketch_rank,
     smallest_singular_value,
     solve,
 )
@@ -263,9 +267,16 @@ class OutputMetricDescentState(NamedTuple):
     - `direction`: the last scaled direction $S^{1/2}\\delta$, the matrix-free solve's warm
       start.
     - `forcing`: the matrix-free solve's relative tolerance for the next update
-      (Eisenstat–Walker), and `gradient_norm` the ‖S^{-1/2}Dᵀr‖ it was computed from.
+      (Eisenstat–Walker), and `gradient_norm` the norm it was computed from: ‖S^{-1/2}Dᵀr‖,
+      or ‖r‖ for the solve on the output side.
     - `solve_converged`, `solve_steps`: whether the last solve reached its tolerance (False
       only for an iterative solve stopped by its iteration cap) and its iterations.
+    - `sketch_basis`, `sketch_values`: the Nyström preconditioner of the matrix-free solve on
+      the wide side (`preconditioner="nystrom"`), kept across updates: an orthonormal basis U
+      of the output side's Gram in the first QN of its K rows, and its ℓ eigenvalues μ̂
+      (all 0: none yet). Shapes (K, ℓ) and (ℓ,), ℓ = 0 without it.
+    - `sketch_refresh`: sketch anew at the next update; `sketch_effort`: the normalized CG
+      iterations of the first solve after the last sketch (see `_reuse_sketch`).
     """
 
     count: Int[Array, ""]
@@ -286,6 +297,10 @@ class OutputMetricDescentState(NamedTuple):
     gradient_norm: Float[Array, ""] = np.asarray(-1.0)
     solve_converged: Bool[Array, ""] = np.asarray(True)
     solve_steps: Int[Array, ""] = np.asarray(0, np.int32)
+    sketch_basis: Float[Array, "K l"] | None = None
+    sketch_values: Float[Array, " l"] | None = None
+    sketch_refresh: Bool[Array, ""] = np.asarray(True)
+    sketch_effort: Float[Array, ""] = np.asarray(-1.0)
 
 
 #: Adaptive damping rules: "auto" (the trust region where a spectral factorization makes
@@ -386,7 +401,12 @@ def output_metric_descent(
       updates, as in Hessian-free optimisation, and a rejected direction is backtracked
       (α = 1/2, 1/4, …: cost evaluations, no second solve) while the next update solves at
       the larger λ (`_search.one_solve_levenberg_marquardt`). One solve per update, the first
-      included.
+      included. On the wide side with `preconditioner="nystrom"`, or when `"auto"` picks
+      `"cg"` there (`plan_solve`: one M×M Cholesky would cost more than
+      `MATRIX_FREE_PRODUCTS` Gram-vector products), the solve is instead on the output side
+      (`output_space_cg`, forcing on ‖r‖, from z = 0), preconditioned by a Nyström sketch of
+      rank ℓ (`preconditioner_rank`, default `SKETCH_RANK`; under `"auto"` `sketch_rank`)
+      that the state keeps across updates and renews when CG slows (`_reuse_sketch`).
     - `damping=λ` (a number ≥ 0): fixed damping; with `linesearch="backtracking"` the step
       fraction $\alpha_k$ is the largest of 1, 1/2, 1/4, … that decreases C; with
       `linesearch=None` the plain Euler step ($\alpha_k = 1$; for a model linear in θ with
@@ -465,12 +485,24 @@ def output_metric_descent(
     _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
                          memory_budget)
     solve_damping = 1.0 if adaptive else damping  # any non-zero traced λ picks a damped path
+    # The kept Nyström sketch of the adaptive matrix-free path (ℓ columns; none otherwise).
+    # Under solver="auto" the plan is made at the first update; the sketch is allocated here
+    # in case it picks "cg" (`sketch_rank` bounds what that costs when it does not).
+    if adaptive and preconditioner == "nystrom":
+        kept_rank = preconditioner_rank or SKETCH_RANK
+    elif adaptive and solver == "auto" and preconditioner is None:
+        kept_rank = None  # sketch_rank(K, itemsize, budget), at init
+    else:
+        kept_rank = 0
 
     def init_fn(params):
         check_params(params)
         flat = jax.flatten_util.ravel_pytree(params)[0]
         dtype = flat.dtype
         lam = jnp.asarray(-1.0 if adaptive else damping, dtype)  # -1: set at the first step
+        num_params = flat.shape[0]
+        rank = min(num_params, kept_rank if kept_rank is not None else sketch_rank(
+            num_params, dtype.itemsize, memory_budget))
         return OutputMetricDescentState(
             jnp.asarray(0, jnp.int32), lam, jnp.asarray(2.0, dtype), jnp.asarray(0.0, dtype),
             jnp.asarray(-1, jnp.int32), jnp.asarray(False), jnp.asarray(jnp.inf, dtype),
@@ -478,6 +510,8 @@ def output_metric_descent(
             jnp.asarray(RESULTS.running, jnp.int32), jnp.zeros_like(flat),
             jnp.asarray(-1.0, dtype), jnp.zeros_like(flat), jnp.asarray(FORCING_MAX, dtype),
             jnp.asarray(-1.0, dtype), jnp.asarray(True), jnp.asarray(0, jnp.int32),
+            jnp.zeros((num_params, rank), dtype), jnp.zeros((rank,), dtype), jnp.asarray(True),
+            jnp.asarray(-1.0, dtype),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -542,13 +576,20 @@ def output_metric_descent(
         spectral = method in ("svd", "eigh")
         matrix_free = method in MATRIX_FREE
         forcing = state.forcing
+        forcing_norm = gradient_norm
+        output_side = False
         if spectral:
             factor = SpectralFactor(scaled_lin, residual,
                                     _rtol(rtol, lin.shape, dtype), use_gram=method == "eigh")
         elif method == "cg" and adaptive:
+            # The output side when preconditioned by Nyström on the wide side
+            # (`output_space_cg`); the forcing then follows ‖r‖, else ‖S^{-1/2}Dᵀr‖.
+            output_side = wide and state.sketch_values.shape[0] > 0 and (
+                preconditioner == "nystrom" or (solver == "auto" and preconditioner is None))
+            forcing_norm = jnp.linalg.norm(residual) if output_side else gradient_norm
             if cg_tol is None:
-                ratio = gradient_norm / jnp.where(state.gradient_norm > 0, state.gradient_norm,
-                                                  gradient_norm)
+                ratio = forcing_norm / jnp.where(state.gradient_norm > 0, state.gradient_norm,
+                                                 forcing_norm)
                 forcing = jnp.where(state.gradient_norm > 0, FORCING_GAMMA * ratio**2,
                                     FORCING_MAX)
                 safeguard = FORCING_GAMMA * state.forcing**2
@@ -557,9 +598,15 @@ def output_metric_descent(
             else:
                 forcing = jnp.asarray(cg_tol, dtype)
             max_cg = cg_max_steps or 10 * min(lin.shape) + 10
-            column_diag = scaled_lin.column_diagonal() if preconditioner == "jacobi" else None
-            factor = _KrylovFactor(scaled_lin, residual, state.direction.astype(dtype),
-                                   forcing.astype(dtype), max_cg, column_diag)
+            if output_side:
+                pre, sketched = _kept_sketch(scaled_lin, state, dtype)
+                factor = _OutputKrylovFactor(scaled_lin, residual, forcing.astype(dtype), max_cg,
+                                             pre)
+            else:
+                column_diag = (scaled_lin.column_diagonal() if preconditioner == "jacobi"
+                               else None)
+                factor = _KrylovFactor(scaled_lin, residual, state.direction.astype(dtype),
+                                       forcing.astype(dtype), max_cg, column_diag)
         else:
             pre = prepare_preconditioner(scaled_lin, preconditioner, preconditioner_rank) if (
                 method == "cg") else None
@@ -582,6 +629,7 @@ def output_metric_descent(
             # CG and the rest only need λ > 0 for the multiplicative rule.
             unit = max(lin.shape) * 10.0 if method == "cholesky" else 1.0
             floor = unit * float(jnp.finfo(dtype).eps) * mean_diagonal
+            solve_lambda = jnp.clip(lam0, floor, 1e16 * mean_diagonal)  # the first trial's
             options = dict(damping=lam0, growth=state.damping_growth, floor=floor,
                            cap=1e16 * mean_diagonal, xnorm=xnorm, ftol=ftol_, xtol=xtol_)
             if matrix_free:  # one Krylov solve per update; λ adapts between updates
@@ -607,14 +655,19 @@ def output_metric_descent(
         if spectral:
             fallback = factor.rank < min(lin.shape)
         damping_out = outcome.damping if adaptive else state.damping
+        sketch = (state.sketch_basis, state.sketch_values, state.sketch_refresh,
+                  state.sketch_effort)
+        if matrix_free and adaptive and output_side:
+            sketch = _reuse_sketch(pre, sketched, result.num_steps, solve_lambda, state,
+                                   lin.shape[0])
         new_state = OutputMetricDescentState(
             state.count + 1, damping_out.astype(dtype), outcome.growth.astype(dtype), taken,
             rank, fallback, cost0, _solver_code(method), sigma,
             result.finite & jnp.isfinite(cost0), status,
             scale.astype(state.scale.dtype) if scaled else jnp.ones_like(state.scale),
             outcome.radius.astype(dtype), result.delta.astype(state.direction.dtype),
-            forcing.astype(dtype), gradient_norm.astype(dtype), result.converged,
-            jnp.asarray(result.num_steps, jnp.int32),
+            forcing.astype(dtype), forcing_norm.astype(dtype), result.converged,
+            jnp.asarray(result.num_steps, jnp.int32), *sketch,
         )
         return new_updates, new_state
 
@@ -666,6 +719,60 @@ class _KrylovFactor:
 
     def step(self, lam):
         return normal_equations_cg(*self._args, lam, **self._options)
+
+
+#: A kept sketch is renewed when a solve's effort (`_reuse_sketch`) exceeds `SKETCH_GROWTH`
+#: times that of the first solve after it, and the solve took more than `SKETCH_MIN_FRACTION`·ℓ
+#: iterations (a new sketch costs ℓ products: below that it cannot pay for itself soon).
+SKETCH_GROWTH, SKETCH_MIN_FRACTION = 2.0, 0.5
+
+
+def _kept_sketch(lin, state, dtype):
+    """The Nyström preconditioner of the output side's Gram for this update: the one kept in
+    the state, or, when it is marked for renewal (or there is none yet), a new sketch of
+    ℓ Gram products (`prepare_preconditioner`). Returns it and whether it is new."""
+    n = lin.shape[0]
+    rank = min(state.sketch_values.shape[0], n)
+    kept = Preconditioner(basis=state.sketch_basis[:n, :rank].astype(dtype),
+                          eigenvalues=state.sketch_values[:rank].astype(dtype))
+    fresh = state.sketch_refresh | ~(state.sketch_values[0] > 0)
+    pre = jax.lax.cond(fresh, lambda: prepare_preconditioner(lin, "nystrom", rank),
+                       lambda: kept)
+    return pre, fresh
+
+
+def _reuse_sketch(pre, sketched, steps, lam, state, num_rows):
+    r"""(basis, values, refresh, effort) for the next update.
+
+    The Gram of a wide network changes slowly, so one sketch serves many updates. With it, CG
+    needs about $\sqrt{\kappa}$ iterations, $\kappa = 1 + \hat\mu_\ell/\lambda$ for a fresh
+    sketch: the *effort* $e = \text{iterations}/\sqrt{1 + \hat\mu_\ell/\lambda}$ discounts the
+    growth that falling λ causes (which a new sketch of the same ℓ cannot undo). The sketch is
+    renewed at the next update when e exceeds `SKETCH_GROWTH` times the effort of the first solve
+    after the sketch, and the solve took more than `SKETCH_MIN_FRACTION`·ℓ iterations: the
+    eigenvectors it holds have drifted from the Gram's, and enough to be worth ℓ products."""
+    dtype = state.sketch_values.dtype
+    smallest = pre.eigenvalues[-1].astype(dtype)
+    lam = jnp.asarray(lam, dtype)
+    effort = steps / jnp.sqrt(1.0 + smallest / jnp.where(lam > 0, lam, 1.0))
+    base = jnp.where(sketched, effort, state.sketch_effort)
+    rank = pre.eigenvalues.shape[0]
+    refresh = ~sketched & (effort > SKETCH_GROWTH * base) & (steps > SKETCH_MIN_FRACTION * rank)
+    basis = state.sketch_basis.at[:num_rows, :rank].set(
+        pre.basis.astype(state.sketch_basis.dtype))
+    values = state.sketch_values.at[:rank].set(pre.eigenvalues.astype(dtype))
+    return basis, values, refresh, base.astype(dtype)
+
+
+class _OutputKrylovFactor:
+    """One matrix-free CG solve per λ on the output side (`output_space_cg`), preconditioned."""
+
+    def __init__(self, lin, residual, forcing, max_steps, preconditioner):
+        self._args = (lin, residual)
+        self._options = dict(forcing=forcing, max_steps=max_steps, preconditioner=preconditioner)
+
+    def step(self, lam):
+        return output_space_cg(*self._args, lam, **self._options)
 
 
 def _check_schedule_value(value) -> None:

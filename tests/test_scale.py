@@ -258,6 +258,28 @@ def test_the_plan_names_the_memory_it_budgets():
     assert _solve.estimate_memory_bytes(om.SolvePlan("cg", None, "jacobian", ""), 16, k, b) == 0
 
 
+def test_auto_picks_the_kept_sketch_where_one_cholesky_costs_more_than_its_products():
+    """The optimizer's "auto" on the wide side: matrix-free CG (with the kept Nyström sketch)
+    once M³/3 > MATRIX_FREE_PRODUCTS · 8NK, the structured Cholesky below; the memory it names
+    is `sketch_bytes` of the rank `sketch_rank` gives; the tall side and single solves are not
+    affected. Sizes only: nothing is computed."""
+    def plan(m, k, q=10, many=True, budget=12 * 2**30):
+        return _solve._auto_plan(1.0, m, k, 8, budget, structured=True, num_samples=m // q,
+                                 output_dim=q, chunkable=True, chunk_size=None,
+                                 many_dampings=many)
+    digits = plan(17970, 71935)  # 1.9e12 flops against 1000 products of 1.0e9
+    assert digits.method == "cg"
+    rank = _solve.sketch_rank(71935, 8, 12 * 2**30)
+    assert 0 < rank <= _solve.SKETCH_RANK and rank * 71935 * 8 <= 12 * 2**30 / 32
+    assert _solve._bytes(_solve.sketch_bytes(rank, 17970, 71935, 8)) in digits.reason
+    assert _solve.estimate_memory_bytes(digits, 17970, 71935, 8, 1797, sketch=rank) == (
+        _solve.sketch_bytes(rank, 17970, 71935, 8))
+    assert plan(4000, 16060).method == "cholesky"  # 2.1e10 against 1000 × 5.1e7
+    assert plan(17970, 71935, many=False).method == "cholesky"  # one solve: no sketch to keep
+    assert plan(4096, 1035001, q=1).method == "cholesky"  # the 1M-parameter step: products cost
+    assert _solve.sketch_rank(9, 8) == 0  # small models keep no sketch
+
+
 def test_a_step_that_will_take_long_is_logged(caplog, monkeypatch):
     problem, params = make_problem("tanh_mlp", n=8, q=2)  # M = 16, K = 402
     flops = _solve.estimate_step_flops("cholesky", 16, 402, 8)

@@ -15,9 +15,12 @@ from outmetric._solve import (
     SpectralFactor,
     linearize,
     normal_equations_cg,
+    output_space_cg,
+    prepare_preconditioner,
     scale_columns,
 )
 from helpers import make_problem
+from outmetric import _transform
 
 
 def exponential_fit(scale=(1.0, 1.0, 1.0), noise=0.05, m=40):
@@ -251,6 +254,97 @@ def test_matrix_free_step_meets_its_forcing_tolerance_and_warm_starts():
     # Capped below what it needs, it says it did not converge.
     capped = normal_equations_cg(lin, r, lam, initial=zero, forcing=1e-14, max_steps=2)
     assert not bool(capped.solve.converged)
+
+
+def test_output_side_step_meets_its_forcing_and_equals_the_dense_damped_step():
+    """Wide side: (DDᵀ + λI)z = r by (Nyström-)preconditioned CG; the forcing bounds the
+    output-side residual, and a tight one gives δ = Dᵀz = the dense damped step."""
+    problem, params = make_problem("tanh_mlp", n=6, q=2, width=8)  # M = 12 < K
+    lin = linearize(problem, params, method="cg")
+    assert lin.shape[0] < lin.shape[1]
+    r = (problem.outputs(params) - problem.targets).reshape(-1)
+    jac = np.asarray(problem.jacobian(params))
+    pre = jax.jit(lambda: prepare_preconditioner(lin, "nystrom", 4))()
+    solve = jax.jit(lambda lam, forcing, pre: output_space_cg(
+        lin, r, lam, forcing=forcing, max_steps=200, preconditioner=pre))
+    for lam in (1e-6, 1e-2, 1.0):
+        want = dense_damped(jac, np.asarray(r), lam)
+        loose = solve(lam, 0.3, pre)
+        z_side = np.linalg.solve(jac @ jac.T + lam * np.eye(12), np.asarray(r))
+        # the linear model's new residual is within 0.3‖r‖ of the exact damped step's
+        image = jac @ np.asarray(loose.delta)
+        exact_image = jac @ (jac.T @ z_side)
+        assert np.linalg.norm(image - exact_image) <= 0.3 * np.linalg.norm(r) * (1 + 1e-6)
+        assert bool(loose.solve.converged)
+        tight = solve(lam, 1e-12, pre)
+        np.testing.assert_allclose(tight.delta, want, rtol=1e-7,
+                                   atol=1e-9 * np.abs(want).max())
+        np.testing.assert_allclose(tight.model_linear, np.asarray(r) @ (jac @ want), rtol=1e-7)
+
+
+def test_matrix_free_nystrom_update_is_the_damped_step_at_its_damping():
+    """The adaptive matrix-free update with preconditioner='nystrom' on the wide side takes
+    the dense damped step at the λ it solved with (tight cg_tol, first update, accepted)."""
+    problem, params = make_problem("tanh_mlp", n=6, q=2, width=8)
+    opt = om.output_metric_descent(solver="cg", preconditioner="nystrom", preconditioner_rank=6,
+                                   cg_tol=1e-12)
+    state = opt.init(params)
+    u, new = jax.jit(lambda s, p: opt.update(None, s, p, problem=problem))(state, params)
+    assert float(new.step_size) == 1.0 and bool(new.solve_converged)
+    lin = linearize(problem, params, method="cg")
+    lam = 1e-3 * float(_transform._mean_gram_diagonal(lin, None))  # the first λ
+    assert float(new.damping) < lam  # accepted: λ shrank for the next update
+    jac = np.asarray(problem.jacobian(params))
+    r = np.asarray(problem.outputs(params) - problem.targets).reshape(-1)
+    want = dense_damped(jac, r, lam)
+    np.testing.assert_allclose(-ravel_pytree(u)[0], want, rtol=1e-7,
+                               atol=1e-9 * np.abs(want).max())
+
+
+def test_nystrom_sketch_is_kept_across_updates_and_renewed_when_cg_slows():
+    """The adaptive matrix-free update sketches once and keeps U, μ̂ in the state; the next
+    update reuses them (no new sketch) unless marked for renewal, which `_reuse_sketch` does
+    when a solve takes more than SKETCH_GROWTH times the iterations of the first after it."""
+    problem, params = make_problem("tanh_mlp", n=6, q=2, width=8)  # M = 12 < K
+    opt = om.output_metric_descent(solver="cg", preconditioner="nystrom", preconditioner_rank=5)
+    update = jax.jit(lambda s, p: opt.update(None, s, p, problem=problem))
+    state = opt.init(params)
+    assert state.sketch_basis.shape == (ravel_pytree(params)[0].size, 5)
+    u, first = update(state, params)
+    basis = np.asarray(first.sketch_basis)
+    assert np.all(np.asarray(first.sketch_values) > 0) and not bool(first.sketch_refresh)
+    np.testing.assert_allclose(basis[:12].T @ basis[:12], np.eye(5), atol=1e-10)
+    assert np.all(basis[12:] == 0)  # the output side's 12 rows of the K
+    assert float(first.sketch_effort) > 0
+    params2 = optax.apply_updates(params, u)
+    _, second = update(first, params2)
+    np.testing.assert_array_equal(second.sketch_basis, basis)  # kept: D moved, U did not
+    _, renewed = update(first._replace(sketch_refresh=jnp.asarray(True)), params2)
+    assert not np.allclose(renewed.sketch_basis, basis)  # a new sketch of the new Gram
+    # The renewal rule: effort = iterations / sqrt(1 + μ̂_ℓ/λ) against the first solve's.
+    mu = float(first.sketch_values[-1])
+    kept = _transform.Preconditioner(basis=first.sketch_basis[:12], eigenvalues=first.sketch_values)
+    base = first._replace(sketch_effort=jnp.asarray(100.0))
+    growth = _transform.SKETCH_GROWTH
+    assert _transform.SKETCH_MIN_FRACTION * 5 < 283  # ℓ = 5: the iteration floor is not binding
+    for steps, lam, sketched, want in (
+            (int(growth * 100 * np.sqrt(2)) + 2, mu, False, True),  # grew beyond λ's share
+            (int(growth * 100 * np.sqrt(2)) - 2, mu, False, False),
+            (int(growth * 100 * np.sqrt(1 + 1e4)), mu * 1e-4, False, False),  # λ's doing
+            (10**5, mu, True, False)):  # a fresh sketch sets the base instead
+        refresh, effort = _transform._reuse_sketch(kept, jnp.asarray(sketched), steps, lam,
+                                                   base, 12)[2:]
+        assert bool(refresh) == want, (steps, lam, sketched)
+        if sketched:
+            np.testing.assert_allclose(float(effort), steps / np.sqrt(1 + mu / lam))
+        else:
+            assert float(effort) == 100.0
+    # Fewer iterations than half of ℓ never renew, however much the effort grew.
+    small = base._replace(sketch_effort=jnp.asarray(0.1))
+    big = _transform.Preconditioner(basis=jnp.zeros((12, 400)), eigenvalues=jnp.full(400, mu))
+    assert not bool(_transform._reuse_sketch(big, jnp.asarray(False), 199, mu, small._replace(
+        sketch_basis=jnp.zeros((small.sketch_basis.shape[0], 400)),
+        sketch_values=jnp.zeros(400)), 12)[2])
 
 
 def test_matrix_free_default_descends_with_one_solve_per_update():
