@@ -347,12 +347,12 @@ def sketch_rank(num_params: int, itemsize: int, budget: int | None = None) -> in
 
 
 def sketch_bytes(rank: int, num_rows: int, num_params: int, itemsize: int) -> int:
-    """Memory of a kept Nyström sketch of rank ℓ: 4Kℓb for the K×ℓ array in the optimizer
-    state (the state, the previous state that `fit` keeps to undo a step, and the compiled
-    loop's copies of both), plus 4Mℓb while sketching (the M×ℓ test matrix, its image, the
-    factor B and U). Measured at M = 17,970, K = 71,935, ℓ = 686 (this rule: 2.0 GiB): the first
-    update alone grew the peak RSS by 1.44 GiB."""
-    return rank * (4 * num_params + 4 * num_rows) * itemsize
+    """Memory of a kept Nyström sketch of rank ℓ: 2Kℓb for the K×ℓ array in the optimizer
+    state (the state and the compiled loop's copy of it; `fit` keeps no previous state), plus
+    4Mℓb while sketching (the M×ℓ test matrix, its image, the factor B and U). At M = 17,970,
+    K = 71,935, ℓ = 686 this rule gives 1.1 GiB; the first update grew the peak RSS by 1.44 GiB
+    when `fit` still carried a previous state (the rule then counted 4Kℓb: 2.0 GiB)."""
+    return rank * (2 * num_params + 4 * num_rows) * itemsize
 
 
 def resolve_solver(solver: str, damping, num_rows: int, num_params: int, dtype, *,
