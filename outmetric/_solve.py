@@ -1268,29 +1268,8 @@ def normal_equations_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, ini
     b = lin.rmatvec(rhs)
     bound = forcing * jnp.linalg.norm(b)
     y = jnp.where(jnp.all(jnp.isfinite(initial)), initial, 0.0).astype(dtype)
-    r = b - operator(y)
-    z = inverse * r
-    p = z
-    gamma = jnp.vdot(r, z)
-
-    def cond(carry):
-        i, y, r, p, gamma = carry
-        return (i < max_steps) & (jnp.linalg.norm(r) > bound) & (gamma > 0)
-
-    def body(carry):
-        i, y, r, p, gamma = carry
-        ap = operator(p)
-        curvature = jnp.vdot(p, ap)
-        alpha = gamma / jnp.where(curvature > 0, curvature, 1.0)
-        alpha = jnp.where(curvature > 0, alpha, 0.0)
-        y = y + alpha * p
-        r = r - alpha * ap
-        z = inverse * r
-        new_gamma = jnp.vdot(r, z)
-        p = z + (new_gamma / jnp.where(gamma > 0, gamma, 1.0)) * p
-        return i + 1, y, r, p, new_gamma
-
-    steps, y, _, _, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), y, r, p, gamma))
+    steps, y = _preconditioned_cg(operator, lambda v: inverse * v, y, b - operator(y), bound,
+                                  max_steps)
     residual = b - operator(y)  # the true residual: round-off, and non-finite data, show here
     image = lin.matvec(y)
     finite = (jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(residual))
@@ -1302,6 +1281,36 @@ def normal_equations_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, ini
                          finite)
     return DampedStep(y, jnp.vdot(rhs, image), jnp.vdot(image, image), jnp.linalg.norm(y),
                       result)
+
+
+def _preconditioned_cg(operator: Callable, apply: Callable, x, r, bound, max_steps: int):
+    """Preconditioned conjugate gradients for the SPD `operator`, preconditioner `apply`
+    (≈ operator⁻¹), from `x` with residual `r` = b − operator(x), until the recurrence's
+    residual has ‖r‖ ≤ `bound` or `max_steps`; a non-positive curvature or γ ends it.
+    Returns (iterations, x)."""
+    w = apply(r)
+    gamma = jnp.vdot(r, w)
+
+    def cond(carry):
+        i, x, r, p, gamma = carry
+        return (i < max_steps) & (jnp.linalg.norm(r) > bound) & (gamma > 0)
+
+    def body(carry):
+        i, x, r, p, gamma = carry
+        ap = operator(p)
+        curvature = jnp.vdot(p, ap)
+        alpha = gamma / jnp.where(curvature > 0, curvature, 1.0)
+        alpha = jnp.where(curvature > 0, alpha, 0.0)
+        x = x + alpha * p
+        r = r - alpha * ap
+        w = apply(r)
+        new_gamma = jnp.vdot(r, w)
+        p = w + (new_gamma / jnp.where(gamma > 0, gamma, 1.0)) * p
+        return i + 1, x, r, p, new_gamma
+
+    steps, x, _, _, _ = jax.lax.while_loop(
+        cond, body, (jnp.asarray(0, jnp.int32), x, r, w, gamma))
+    return steps, x
 
 
 def output_space_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, forcing,
@@ -1331,29 +1340,7 @@ def output_space_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, forcing
     apply = (lambda v: v) if preconditioner is None else _preconditioner_apply(
         preconditioner, lam, dtype)
     bound = forcing * jnp.linalg.norm(rhs)
-    z = jnp.zeros_like(rhs)
-    w = apply(rhs)
-    gamma = jnp.vdot(rhs, w)
-
-    def cond(carry):
-        i, z, r, p, gamma = carry
-        return (i < max_steps) & (jnp.linalg.norm(r) > bound) & (gamma > 0)
-
-    def body(carry):
-        i, z, r, p, gamma = carry
-        ap = operator(p)
-        curvature = jnp.vdot(p, ap)
-        alpha = gamma / jnp.where(curvature > 0, curvature, 1.0)
-        alpha = jnp.where(curvature > 0, alpha, 0.0)
-        z = z + alpha * p
-        r = r - alpha * ap
-        w = apply(r)
-        new_gamma = jnp.vdot(r, w)
-        p = w + (new_gamma / jnp.where(gamma > 0, gamma, 1.0)) * p
-        return i + 1, z, r, p, new_gamma
-
-    steps, z, _, _, _ = jax.lax.while_loop(
-        cond, body, (jnp.asarray(0, jnp.int32), z, rhs, w, gamma))
+    steps, z = _preconditioned_cg(operator, apply, jnp.zeros_like(rhs), rhs, bound, max_steps)
     delta = lin.rmatvec(z)
     image = lin.matvec(delta)  # D̃δ̃ = D̃D̃ᵀz: the model, and the true residual below
     residual = rhs - image - lam * z
