@@ -50,7 +50,7 @@ def measure(name: str, data_dir: str, repeats: int) -> dict:
     result = om.fit(problem, x0, optimizer, progress=False)
     fit_ms = _median_ms(lambda: om.fit(problem, x0, optimizer, progress=False).params, repeats)
     wrapped = optax.with_extra_args_support(optimizer)
-    values, _, state = _fit._compiled_start(wrapped, False)(problem, x0)
+    values, state = _fit._compiled_start(wrapped, False)(problem, x0)
     carry = (x0, state, *values, np.int32(0), np.int32(-1))
     chunk = _fit._compiled_chunk(wrapped, False, 100)
     chunk_ms = _median_ms(

@@ -16,7 +16,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import PyTree
+from jaxtyping import Array, PyTree
 from tqdm.auto import tqdm
 
 from ._checkpoint import (
@@ -115,6 +115,24 @@ def _discards(update) -> bool:
         return update in GRADIENT_FREE
     except TypeError:  # an unhashable callable
         return False
+
+
+def _prepare(optimizer) -> tuple[optax.GradientTransformationExtraArgs, bool]:
+    """(the optimizer with extra-args support, whether it uses ∇C), after the chain check;
+    remembered for the last 64 optimizers (a tiny fit's checks cost as much as its steps)."""
+    try:
+        return _prepare_cached(optimizer)
+    except TypeError:  # an unhashable optimizer
+        return _prepare_uncached(optimizer)
+
+
+def _prepare_uncached(optimizer):
+    use_grad = bool(_uses_gradient(optimizer))
+    _warn_discarded_upstream(optimizer)
+    return optax.with_extra_args_support(optimizer), use_grad
+
+
+_prepare_cached = functools.lru_cache(maxsize=64)(_prepare_uncached)
 
 
 def _warn_discarded_upstream(optimizer) -> None:
@@ -220,22 +238,27 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
     optimizer's state reports a termination status (`RESULTS`; the update that reports it is
     kept).
 
+    The carry's C and params are checked first (`fit` does not wait for its prologue): where
+    either is not finite no step runs and `ChunkReport.start_bad` says so.
+
     Returns (carry, floats, ints), packed so that the host reads the chunk in one transfer:
-    `floats` = (costs before each step (length `chunk`), σ_min(D) of each step's solve (length
-    `chunk`, -1 where not estimated), cost at the final params); `ints` = `ChunkReport`'s
-    fields. Only `chunk` is static, so every chunk of every `fit` call with that chunk size
-    reuses one compilation, and where chunks end does not change the arithmetic.
+    `floats` = (costs before each step, σ_min(D) of each step's solve (-1 where not
+    estimated), each as `_history` blocks of length `chunk` in all, and the cost at the final
+    params); `ints` = `ChunkReport`'s fields. Only `chunk` is static, so every chunk of every
+    `fit` call with that chunk size reuses one compilation, and where chunks end does not
+    change the arithmetic.
     """
     params, _, cost, _, _, _ = carry
     dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
-    costs = jnp.full(chunk, jnp.nan, dtype)
-    sigmas = jnp.full(chunk, -1.0, dtype)
+    costs = _history(chunk, jnp.nan, dtype)
+    sigmas = _history(chunk, -1.0, dtype)
     running = jnp.asarray(RESULTS.running, jnp.int32)
     false = jnp.asarray(False)
+    start_ok = jnp.isfinite(cost) & _all_finite(params)
 
     def cond(loop):
         i, _, _, _, done, bad, _, _, status, _ = loop
-        return (i < num) & ~done & ~bad & (status == running)
+        return (i < num) & start_ok & ~done & ~bad & (status == running)
 
     def body(loop):
         i, carry, costs, sigmas, _, _, _, _, _, _ = loop
@@ -254,8 +277,8 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
         cost_overflow = jax.lax.cond(
             nonfinite_cost, lambda: jnp.all(jnp.isfinite(problem.outputs(new_params))),
             lambda: jnp.asarray(False))
-        costs = costs.at[i].set(cost.astype(dtype))
-        sigmas = sigmas.at[i].set(sigma.astype(dtype))
+        costs = _record(costs, i, cost.astype(dtype))
+        sigmas = _record(sigmas, i, sigma.astype(dtype))
         carry = (*_select(advance, (new_params, new_state, new_cost.astype(dtype), new_grads),
                           (params, state, cost, grads)),
                  fallbacks + (advance & fallback).astype(fallbacks.dtype),
@@ -273,10 +296,38 @@ def _run_chunk(optimizer, problem, carry, num, eps, *, use_grad, chunk):
             jnp.where(done, RESULTS.eps_reached, running).astype(jnp.int32), false)
     (taken, carry, costs, sigmas, done, bad, nonfinite_cost, solve_bad, status,
      cost_overflow) = jax.lax.while_loop(cond, body, init)
-    floats = jnp.concatenate([costs, sigmas, carry[2].astype(dtype)[None]])
+    floats = (*costs, *sigmas, carry[2].astype(dtype)[None])
     ints = jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in (
-        taken, done, bad, nonfinite_cost, solve_bad, status, cost_overflow, carry[4], carry[5])])
+        taken, done, bad, nonfinite_cost, solve_bad, status, cost_overflow, carry[4], carry[5],
+        ~start_ok)])
     return carry, floats, ints
+
+
+# Entries per block of a chunk's history: 64 float64 numbers, 512 bytes. On XLA's CPU runtime
+# (jax 0.10) a compiled chunk that holds a buffer larger than that pays about 50 µs more per
+# call, and a few µs more per step, than one whose buffers are all this small: a 14×2 NIST fit
+# of 17 steps ran its chunk in 297 µs with one (100,) history and in 208 µs with blocks
+# (`benchmarks/fit_overhead.py`); on larger problems the model's own buffers exceed it anyway.
+HISTORY_BLOCK = 64
+
+
+def _history(length: int, fill, dtype) -> tuple[Array, ...]:
+    """`length` entries of `fill`, as blocks of at most `HISTORY_BLOCK`."""
+    return tuple(jnp.full(min(HISTORY_BLOCK, length - start), fill, dtype)
+                 for start in range(0, length, HISTORY_BLOCK))
+
+
+def _record(history: tuple[Array, ...], i, value) -> tuple[Array, ...]:
+    """`history` with entry i set to `value`."""
+    return tuple(jnp.where(i // HISTORY_BLOCK == k, block.at[i % HISTORY_BLOCK].set(value), block)
+                 for k, block in enumerate(history))
+
+
+def _read_history(floats, chunk: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(costs, σ_min, final cost) from a chunk's `floats` on the host."""
+    blocks = -(-chunk // HISTORY_BLOCK)
+    return (np.concatenate(floats[:blocks]), np.concatenate(floats[blocks:2 * blocks]),
+            float(floats[-1][0]))
 
 
 class ChunkReport(NamedTuple):
@@ -284,7 +335,8 @@ class ChunkReport(NamedTuple):
     reached; whether a step was not taken (bad), because C was not finite at it
     (nonfinite_cost) or its solve met NaN or inf (solve_bad); the status; whether the
     non-finite C came from finite outputs (cost_overflow); the fallback count and the
-    smallest rank so far."""
+    smallest rank so far; whether C or the params were not finite at the chunk's start
+    (start_bad: no step ran)."""
 
     taken: int
     done: bool
@@ -295,13 +347,14 @@ class ChunkReport(NamedTuple):
     cost_overflow: bool
     fallbacks: int
     min_rank: int
+    start_bad: bool
 
     @classmethod
     def read(cls, ints: np.ndarray) -> "ChunkReport":
         (taken, done, bad, nonfinite_cost, solve_bad, status, cost_overflow, fallbacks,
-         min_rank) = ints.tolist()
+         min_rank, start_bad) = ints.tolist()
         return cls(taken, bool(done), bool(bad), bool(nonfinite_cost), bool(solve_bad), status,
-                   bool(cost_overflow), fallbacks, min_rank)
+                   bool(cost_overflow), fallbacks, min_rank, bool(start_bad))
 
 
 def _is_real_number(value) -> bool:
@@ -405,18 +458,12 @@ def fit(
                         f"got {type(batches).__name__}")
     checkpoint = _checkpoint_path(checkpoint_dir, checkpoint_every, resume)
     max_steps = int(max_steps)
-    use_grad = bool(_uses_gradient(optimizer))
-    _warn_discarded_upstream(optimizer)
-    optimizer = optax.with_extra_args_support(optimizer)
+    optimizer, use_grad = _prepare(optimizer)
     if batches is None:  # (the mini-batch form checks each batch's cost as it comes)
-        # One compiled call: C(θ₀) (which also checks apply_fn's output shape early), whether
-        # θ₀ is finite, and the optimizer's initial state.
-        values, params_finite, state = _compiled_start(optimizer, use_grad)(problem, params)
-        cost0, params_finite = jax.device_get((values[0], params_finite))
-        if not params_finite:
-            check_params(params)  # raises, naming params
-        if not math.isfinite(cost0):
-            raise ValueError(f"fit: {nonfinite_cost_message(problem, params)}")
+        # One compiled call: C(θ₀) (which also checks apply_fn's output shape early) and the
+        # optimizer's initial state. It is not waited for: the first chunk checks that C(θ₀)
+        # and θ₀ are finite before its first step, and `_fit_full` raises if not.
+        values, state = _compiled_start(optimizer, use_grad)(problem, params)
     else:
         values = None
         check_params(params)
@@ -631,7 +678,7 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
     resumed_from = saved_at = snap.step
     bar = _progress_bar(progress, max_steps, snap.step, "step")
     done = bad = nonfinite_cost = stopped = solve_bad = cost_overflow = False
-    final_cost = None
+    final_cost = report = None
     # A run resumed from the checkpoint of a finished run has nothing left to do.
     status = (RESULTS(int(_solve_report(snap.state)[4])) if snap.step > 0
               else RESULTS.running)
@@ -649,12 +696,14 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
             carry, floats, ints = run_chunk(problem, carry, np.int32(num), eps_value)
             floats, ints = jax.device_get((floats, ints))  # all the host needs, at once
             report = ChunkReport.read(ints)
+            if report.start_bad:
+                break
             taken, done, bad, nonfinite_cost, solve_bad = report[:5]
             cost_overflow = report.cost_overflow
             status = RESULTS(report.status)
-            final_cost = float(floats[-1])
-            history = snap.costs + tuple(floats[:taken].tolist())
-            sigma_history = snap.sigmas + tuple(floats[chunk:chunk + taken].tolist())
+            costs, sigmas, final_cost = _read_history(floats, chunk)
+            history = snap.costs + tuple(costs[:taken].tolist())
+            sigma_history = snap.sigmas + tuple(sigmas[:taken].tolist())
             snap = _Progress(len(history), carry[0], carry[1], history, report.fallbacks,
                              report.min_rank, sigma_history)
             bar.n = snap.step
@@ -671,6 +720,9 @@ def _fit_full(problem, optimizer, snap, eps, max_steps, callback, progress, chun
         raise
     finally:
         bar.close()
+    if report is not None and report.start_bad:  # (nothing ran, nothing is saved)
+        check_params(snap.params)  # raises, naming params
+        raise ValueError(f"fit: {nonfinite_cost_message(problem, snap.params)}")
     if final_cost is None:
         final_cost = float(carry[2])
     overflow = status == RESULTS.overflow and not done
@@ -721,10 +773,10 @@ def _compiled_init(optimizer) -> Callable:
 
 @functools.lru_cache(maxsize=64)
 def _compiled_start(optimizer, use_grad: bool) -> Callable:
-    """((C(θ₀), ∇C(θ₀) or None), θ₀ finite?, optimizer.init(θ₀)) in one compiled call: a tiny
-    fit pays one dispatch and one transfer before its first chunk, not three."""
+    """((C(θ₀), ∇C(θ₀) or None), optimizer.init(θ₀)) in one compiled call: a tiny fit pays one
+    dispatch before its first chunk, and no wait."""
     def start(problem, params):
-        return _values(problem, params, use_grad), _all_finite(params), optimizer.init(params)
+        return _values(problem, params, use_grad), optimizer.init(params)
     return jax.jit(start)
 
 

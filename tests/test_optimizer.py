@@ -268,6 +268,21 @@ def test_fit_with_a_plain_optax_optimizer_and_callback():
     assert result.costs[-1] < result.costs[0]
 
 
+def test_fit_history_across_blocks_matches_single_steps():
+    # A chunk keeps its per-step costs in blocks of HISTORY_BLOCK (64) entries; a 150-step
+    # chunk must give the history that 150 one-step chunks give, entry for entry.
+    from outmetric._fit import HISTORY_BLOCK
+
+    problem, params = make_problem("tanh_mlp")
+    long = om.fit(problem, params, optax.sgd(1e-3), max_steps=150, chunk_size=150,
+                  progress=False)
+    short = om.fit(problem, params, optax.sgd(1e-3), max_steps=150, chunk_size=1,
+                   progress=False)
+    assert long.num_steps == short.num_steps == 150 > 2 * HISTORY_BLOCK
+    np.testing.assert_allclose(long.costs, short.costs, rtol=1e-10)
+    assert np.all(np.diff(long.costs) < 0)  # a small enough step descends every time
+
+
 def test_fit_mini_batches():
     # The stochastic adapted method: one solve per batch of 8 (QB = 8 <= K); with η = 1 each
     # step interpolates its batch, and the full cost falls as the batches cycle.
