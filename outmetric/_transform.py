@@ -550,6 +550,8 @@ def output_metric_descent(
         flat = lin.flat_params
         if columns_at_hand:
             column_sq = lin.column_diagonal().astype(dtype)
+            # Computed once: matrix-free, each call is a pass of per-sample Jacobians.
+            lin = lin._replace(column_diagonal=lambda: column_sq)
             scale = jnp.maximum(state.scale.astype(dtype), column_sq) if scaled else None
         if scaled:
             scale = jnp.where(scale > 0, scale, 1.0)
