@@ -234,6 +234,7 @@ class Run(NamedTuple):
       method's own stop), or "non-finite".
     - `memory_bytes`: XLA's buffer assignment for a compiled chunk (arguments + temporaries +
       outputs − aliased), the peak memory a step can need.
+    - `params`: the parameters where the run ended (for held-out metrics).
     """
 
     method: str
@@ -246,6 +247,7 @@ class Run(NamedTuple):
     compile_seconds: float
     memory_bytes: int
     budget_s: float
+    params: Any = None  # the parameters where the run ended
 
 
 def _make_chunk(stepper: Stepper, static_state, max_chunk: int):
@@ -349,7 +351,7 @@ def run(method: Method, bp: BenchProblem, *, budget_s: float | None = None,
         num = max(1, min(2 * num, int(chunk_seconds / max(per_step, 1e-9))))
     costs.append(trace[-1][2])
     return Run(method.name, method.family, np.asarray(costs), trace, status, seconds, steps,
-               compile_seconds, _memory(compiled), budget_s)
+               compile_seconds, _memory(compiled), budget_s, params_of(state))
 
 
 # ----------------------------------------------------------------------------- reading a run

@@ -7,7 +7,9 @@ The problem of the issue: the first 1,347 digits (the 1,347/450 split's training
 dtype, in a fresh process: what ``plan_solve`` picks for the default optimizer
 (``many_dampings=True``), the bytes it names in its reason and the bytes its rule budgets for
 that pick (``outmetric._solve.estimate_memory_bytes``: 2·M·K·b + 3·n²·b for a Cholesky Gram
-from a dense D, 3·n²·b for a structured Gram, 3·M·K·b for QR/SVD), XLA's own memory
+from a dense D, 3·n²·b for a structured Gram, 3·M·K·b for QR/SVD; for the matrix-free CG on
+the tall side, what "auto" picks here since issue #15's cross-entropy step, one chunk of
+per-sample Jacobians twice and the state's K×ℓ sketch twice), XLA's own memory
 analysis of the compiled update (arguments + outputs + temporaries − aliased), and the
 measured peak: the process's peak RSS after one
 default update minus the RSS before it (the JAX runtime and the data), with the update's wall
@@ -31,7 +33,7 @@ def run_one(config: dict) -> dict:
     import jax.numpy as jnp
 
     import outmetric as om
-    from outmetric._solve import estimate_memory_bytes
+    from outmetric._solve import estimate_memory_bytes, sketch_rank
 
     num_samples, hidden = config["num_samples"], config["hidden"]
     data = om.load_digits()
@@ -57,7 +59,9 @@ def run_one(config: dict) -> dict:
     seconds = time.perf_counter() - start
     memory = common.peak_memory()
     peak = common.peak_bytes(memory)
-    planned = estimate_memory_bytes(plan, num_rows, num_params, itemsize, num_samples)
+    # The default optimizer's state carries a kept Nyström sketch of rank `sketch_rank`.
+    planned = estimate_memory_bytes(plan, num_rows, num_params, itemsize, num_samples,
+                                    sketch=sketch_rank(num_params, itemsize))
     measured = peak - before if "device_peak_bytes" not in memory else peak
     return {
         "dtype": config["dtype"], "num_samples": num_samples, "mlp": [64, hidden, 10],

@@ -405,8 +405,21 @@ def gram_diagonal(problem: AbstractProblem, params: PyTree, *, wide: bool = True
         jac, _ = jax.vmap(lambda v: problem._sample_jacobian(flat, unravel, v))(u)
         return jnp.sum(jac**2, axis=-1) if wide else jnp.sum(jac**2, axis=1)  # (n, Q) / (n, K)
 
-    out = map_sample_chunks(sq, problem.inputs, problem.num_samples, chunk_size)
-    return out.reshape(-1) if wide else jnp.sum(out, axis=0)
+    num_samples = problem.num_samples
+    if wide or chunk_size is None or chunk_size >= num_samples:
+        out = map_sample_chunks(sq, problem.inputs, num_samples, chunk_size)
+        return out.reshape(-1) if wide else jnp.sum(out, axis=0)
+    # Tall side in chunks: sum each chunk's squares into one K-vector, so that one chunk of
+    # rows is alive, not an N×K array of per-sample column norms (padding samples count 0).
+    chunked, num_chunks, size = sample_chunks(problem.inputs, num_samples, chunk_size)
+
+    def body(k, total):
+        u = jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False), chunked)
+        real = (jnp.arange(size) * num_chunks + k) < num_samples
+        return total + jnp.sum(jnp.where(real[:, None], sq(u), 0.0), axis=0)
+
+    return jax.lax.fori_loop(0, num_chunks, body, jnp.zeros_like(flat))
 
 
 def gram_matrix(problem: AbstractProblem, params: PyTree, *, method: str = "auto",

@@ -196,3 +196,29 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
     assert dense["fixed_damping_step"]["min_s"] > 0 and dense["fraction_of_matmul_rate"] > 0
     assert dense["default_update"]["updates"][0]["cost_after"] <= dense["default_update"][
         "updates"][0]["cost_before"]
+
+
+def test_digits_cross_entropy_tiny_mode(tmp_path):
+    """`benchmarks/digits_cross_entropy.py --tiny` times the default step, races `fit` against
+    Adam at three rates, and writes its JSON and Markdown (numbers unchecked: a smoke test;
+    about 30 s, most of it compiling, on 2 loaded cores)."""
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "digits_cross_entropy.py"),
+                           "--tiny", "--dtype", "float64", "--steps", "3", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "digits_cross_entropy_tiny.json").read_text())
+    assert data["tiny"] is True and data["machine"]["load_average_1_5_15_min"]
+    [step] = data["steps"]
+    assert "error" not in step, step.get("error")
+    assert len(step["steps"]) == 3 and step["median_step_s"] > 0 and step["compile_s"] > 0
+    assert step["plan"]["method"] in step["solvers"] and step["any_fallback"] is False
+    race = data["race"]
+    assert "error" not in race, race.get("error")
+    assert race["outmetric"]["steps"] == 3
+    assert race["outmetric"]["train_cost"] < step["costs"][0]
+    assert [a["learning_rate"] for a in race["adam"]] == [1e-2, 1e-3, 1e-4]
+    for row in [race["outmetric"]] + race["adam"]:
+        assert 0 <= row["test_accuracy"] <= 1 and math.isfinite(row["train_cost"])
+    md = (tmp_path / "digits_cross_entropy_tiny.md").read_text()
+    assert "--tiny" in md and "| adam(lr=0.01) |" in md and "load average" in md

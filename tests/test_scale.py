@@ -280,6 +280,56 @@ def test_auto_picks_the_kept_sketch_where_one_cholesky_costs_more_than_its_produ
     assert _solve.sketch_rank(9, 8) == 0  # small models keep no sketch
 
 
+def test_auto_picks_the_parameter_side_cg_where_the_dense_tall_route_costs_more():
+    """The optimizer's "auto" on the tall side: matrix-free CG on the K side (column-scaled,
+    column norms in chunks) once forming DᵀD and its Cholesky, MK² + K³/3 flops, cost more than
+    MATRIX_FREE_PRODUCTS · 8NK; the SVD or the dense Cholesky below. Digits cross-entropy
+    (issue #15): QN = 13,470, K = 9,610, 1.5e12 flops against 1000 × 1.0e8. Sizes only."""
+    budget = 12 * 2**30
+
+    def plan(m, k, q=10, many=True, b=8):
+        return _solve._auto_plan(1.0, m, k, b, budget, structured=True, num_samples=m // q,
+                                 output_dim=q, chunkable=True, chunk_size=None,
+                                 many_dampings=many)
+    for b in (8, 4):
+        digits = plan(13470, 9610, b=b)
+        assert digits.method == "cg" and "parameter side" in digits.reason
+        chunk = digits.chunk_size
+        assert 1 <= chunk < 1347 and chunk * 10 * 9610 * b <= _solve.COLUMN_CHUNK_BYTES
+        rank = _solve.sketch_rank(9610, b, budget)
+        planned = _solve.estimate_memory_bytes(digits, 13470, 9610, b, 1347, sketch=rank)
+        assert planned == 2 * chunk * 10 * 9610 * b + 2 * rank * 9610 * b
+        assert f"about {_solve._bytes(planned)}" in digits.reason
+    assert plan(13470, 9610, many=False).method == "cholesky"  # a single solve: dense
+    assert plan(3000, 1810).method == "svd"  # small K: one SVD serves every λ
+    assert plan(20000, 4000, q=1).method == "cholesky"  # 3.4e11 flops against 1000 × 6.4e8
+
+
+def test_the_tall_matrix_free_step_agrees_with_the_dense_damped_step(monkeypatch):
+    """What "auto" picks on the tall side at digits size (the K-side CG with column scaling),
+    forced at a small size, takes the dense (Cholesky) step of the same update: the same λ,
+    the same scaled damping, and a direction equal within the CG tolerance."""
+    model = MODELS["tanh_mlp"](jax.random.PRNGKey(1), 4, 3, width=5)  # K = 73 < QN = 90
+    inputs = jax.random.normal(jax.random.PRNGKey(2), (30, 4))
+    problem = om.Problem(model.apply, inputs, jnp.arange(30) % 3, loss="cross_entropy")
+    params = model.params
+    monkeypatch.setattr(_solve, "MATRIX_FREE_PRODUCTS", 0)
+    monkeypatch.setattr(_solve, "SPECTRAL_MAX_PARAMS", 0)
+    assert om.plan_solve(problem, params, damping=1.0, many_dampings=True).method == "cg"
+    # λ₀ large enough that both accept their first trial (the rules differ after a rejection).
+    free = om.output_metric_descent(initial_damping=0.1, cg_tol=1e-10)
+    dense = om.output_metric_descent(initial_damping=0.1, solver="cholesky")
+    u_free, s_free = free.update(None, free.init(params), params, problem=problem)
+    u_dense, s_dense = dense.update(None, dense.init(params), params, problem=problem)
+    assert om.SOLVERS[int(s_free.solver)] == "cg" and bool(s_free.solve_converged)
+    assert float(s_free.step_size) == float(s_dense.step_size) == 1.0
+    np.testing.assert_allclose(s_free.damping, s_dense.damping, rtol=1e-10)
+    np.testing.assert_allclose(s_free.scale, s_dense.scale, rtol=1e-10)
+    flat_free, flat_dense = ravel_pytree(u_free)[0], ravel_pytree(u_dense)[0]
+    np.testing.assert_allclose(flat_free, flat_dense, rtol=0, atol=1e-8 * jnp.abs(flat_dense).max())
+    assert problem.cost(optax.apply_updates(params, u_free)) < problem.cost(params)
+
+
 def test_a_step_that_will_take_long_is_logged(caplog, monkeypatch):
     problem, params = make_problem("tanh_mlp", n=8, q=2)  # M = 16, K = 402
     flops = _solve.estimate_step_flops("cholesky", 16, 402, 8)
