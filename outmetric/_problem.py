@@ -67,6 +67,9 @@ def _describe(x) -> str:
     return f"{type(x).__name__} of dtype {dtype}" if dtype is not None else type(x).__name__
 
 
+_TRAINABLE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def check_params(params: PyTree, *, values: bool = True) -> None:
     """Static checks on a parameter pytree: non-empty, real floating leaves, finite values
     (the last read from the arrays, only with `values=True`).
@@ -84,6 +87,8 @@ def check_params(params: PyTree, *, values: bool = True) -> None:
                 "array; for an equinox module pass eqx.partition(model, eqx.is_inexact_array)[0]"
             )
         dtype = leaf.dtype
+        if dtype in _TRAINABLE_DTYPES:  # (the common case, without jnp's dtype lattice)
+            continue
         if jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(
                 f"params leaf {jax.tree_util.keystr(path)} is complex ({dtype}); "
@@ -108,7 +113,10 @@ def check_params(params: PyTree, *, values: bool = True) -> None:
 
 def params_dtype(params: PyTree):
     """The floating dtype the parameters compute in (the widest of their leaves)."""
-    return jnp.result_type(*[jnp.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)])
+    dtypes = {np.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)}
+    if len(dtypes) == 1:  # (canonical: float64 leaves compute in float32 without x64)
+        return jax.dtypes.canonicalize_dtype(dtypes.pop())
+    return jnp.result_type(*dtypes)
 
 
 def inputs_in(dtype, inputs: PyTree) -> PyTree:
