@@ -104,7 +104,8 @@ def _default_optimizer(batches: bool = False):
     `output_metric_descent()` on fixed data; with `batches`,
     `output_metric_descent(gram_average=BATCH_GRAM_AVERAGE)` (the Gram averaged over the
     batches, light damping and ENGD's line search on each batch: on the 5-D Poisson PINN with
-    points redrawn every step, 10x lower errors at equal steps than the trust region)."""
+    points redrawn every step, L² error 1e-6 at 160 steps and 1e-7 at 380, where the trust
+    region is near 1e-5 after 350)."""
     if batches not in _DEFAULT_OPTIMIZERS:
         _DEFAULT_OPTIMIZERS[batches] = (
             output_metric_descent(gram_average=BATCH_GRAM_AVERAGE) if batches

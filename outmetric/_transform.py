@@ -466,12 +466,14 @@ def output_metric_descent(
       $(\tilde G_k + \lambda I)\tilde\delta = S^{-1/2}D_k^\top r_k$ with the columns scaled
       by $S = \mathrm{diag}\,G_k$ (unit diagonal) and a light fixed λ = `AVERAGED_DAMPING`,
       one eigendecomposition per update, and its length is ENGD's line search on the current
-      batch: the α in {1, 1/2, …, 2^-30} of lowest cost (`_search.grid_search`). A batch's own
+      batch over α in {1, 1/2, …, 2^-30}, scanned from the top to the first local minimum of
+      the cost (`_search.grid_search`; a few cost evaluations). A batch's own
       Gram is nearly singular (κ ≈ 1e10 on that PINN) in directions that differ from batch to
       batch; its Gauss–Newton step fits that batch's noise there, and the trust region's
       damping, tuned on one batch, is wrong on the next; the average is better conditioned and
-      what it resolves carries over. On the 5-D Poisson PINN: L² error 1e-5 in ≈ 100 updates
-      instead of ≈ 300–400. The state then holds the K×K average (`state.gram_average`).
+      what it resolves carries over. On the 5-D Poisson PINN: L² error 1e-6 in ≈ 160 updates,
+      where the trust region is still near 1e-5 after 350–400 (`benchmarks.pinn_batch_rules`).
+      The state then holds the K×K average (`state.gram_average`).
 
     Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
     """
@@ -567,8 +569,8 @@ def output_metric_descent(
         dtype = lin.flat_params.dtype
         gram_kept = state.gram_average
         if averaged:
-            fresh = state.count == 0
-            ema = jnp.where(fresh, lin.gram, gram_average * state.gram_average.astype(dtype)
+            first = state.count == 0
+            ema = jnp.where(first, lin.gram, gram_average * state.gram_average.astype(dtype)
                             + (1.0 - gram_average) * lin.gram)
             lin = lin._replace(gram=ema)
             gram_kept = ema.astype(state.gram_average.dtype)
