@@ -610,9 +610,14 @@ def run_problem(bench: PinnBench, *, budget_s: float, max_steps: int, quick: boo
             f"best {row['best_error']:.3g}")
         return row
 
-    rows["outmetric"] = go(om.output_metric_descent(), "outmetric", budget_s, max_steps, 10,
-                           "output_metric_descent(): the default (tall side: trust region "
-                           "on the SVD, scaled damping, geodesic acceleration)")
+    # None: fit's default optimizer, output_metric_descent() on fixed points and
+    # output_metric_descent(gram_average=0.3) when batches redraws them.
+    note = ("fit's default with batches=: output_metric_descent(gram_average=0.3) (the Gram "
+            "averaged over the batches, scaled damping 1e-8, ENGD's grid line search)"
+            if bench.sampler is not None else
+            "fit's default: output_metric_descent() (tall side: trust region on the SVD, scaled "
+            "damping, geodesic acceleration)")
+    rows["outmetric"] = go(None, "outmetric", budget_s, max_steps, 10, note)
     if "engd" in methods:
         rows["engd"] = go(engd(), "engd", budget_s, max_steps, 10,
                           "ENGD as published: lstsq of the Gram, grid line search over 2^-k")

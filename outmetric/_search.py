@@ -327,3 +327,45 @@ def backtracking(damped: DampedStep, inv_sqrt_scale, eta, cost0, trial_cost, num
     step = jnp.where(found, alpha * full, jnp.zeros_like(full))
     return Outcome(step, alpha, jnp.asarray(-1.0, dtype), jnp.asarray(2.0, dtype),
                    jnp.asarray(-1.0, dtype), status.astype(jnp.int32), trial.solve)
+
+
+#: The step fractions `grid_search` tries: 1, 1/2, …, 2^-30 (the ENGD codes' grid).
+STEP_GRID = tuple(2.0**-k for k in range(31))
+
+
+def grid_search(damped: DampedStep, inv_sqrt_scale, eta, cost0, trial_cost, num_samples, *,
+                xnorm, ftol, xtol, grid=STEP_GRID) -> Outcome:
+    r"""ENGD's line search over α in `grid` (1, 1/2, …, 2^-30) for the step αηδ, scanned from
+    the top: halve α until C falls below C(θ), then keep halving while C keeps falling, and take
+    the last α before it rises again (the first local minimum along the grid: the grid's
+    lowest cost when C is unimodal along the ray, in a few cost evaluations instead of 31).
+    Unlike backtracking it does not stop at the first decrease: on a freshly drawn batch the
+    longest decreasing step is rarely the best one. None when no α lowers C (`stalled`).
+    MINPACK's ftol and xtol tests run on the full step's trial."""
+    dtype = inv_sqrt_scale.dtype
+    trial = evaluate(damped, inv_sqrt_scale, eta, cost0, trial_cost, num_samples)
+    status = _status(_ftol(trial, ftol), trial.length <= xtol * xnorm)
+    alphas = jnp.asarray(grid, dtype)
+    zero = jnp.asarray(0.0, dtype)
+
+    def cond(carry):
+        i, _, _, done = carry
+        return (i < alphas.shape[0]) & ~done
+
+    def body(carry):
+        i, best_alpha, best_value, _ = carry
+        value = trial_cost(alphas[i] * trial.step)
+        lower = jnp.isfinite(value) & (value < best_value)
+        done = ~lower & (best_alpha > 0)  # C rose again after falling
+        return (i + 1, jnp.where(lower, alphas[i], best_alpha),
+                jnp.where(lower, value, best_value), done)
+
+    init = (0, zero, jnp.asarray(cost0, dtype), ~trial.solve.finite)
+    _, alpha, _, _ = jax.lax.while_loop(cond, body, init)
+    found = trial.solve.finite & (alpha > 0)
+    alpha = jnp.where(found, alpha, 0.0)
+    status = jnp.where(~found & (status == RESULTS.running), RESULTS.stalled, status)
+    # Not α·step: a non-finite step times α = 0 would be NaN.
+    step = jnp.where(found, alpha * trial.step, jnp.zeros_like(trial.step))
+    return Outcome(step, alpha.astype(dtype), jnp.asarray(-1.0, dtype), jnp.asarray(2.0, dtype),
+                   jnp.asarray(-1.0, dtype), status.astype(jnp.int32), trial.solve)

@@ -438,3 +438,79 @@ def test_last_step_to_a_nonfinite_cost_is_undone_and_raised():
     assert result.status == om.RESULTS.nonfinite
     flat = ravel_pytree(result.params)[0]
     assert np.all(np.isfinite(flat))
+
+
+def _tall_tanh_problem(seed, m=30):
+    """y ≈ sin(2x) on m random points, model Σ a tanh(w x + b) + c of width 3 (K = 10 < m)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.uniform(-1.0, 1.0, (m, 1)))
+    return x, jnp.sin(2.0 * x)
+
+
+def _tanh_model(p, x):
+    return (p["a"] @ jnp.tanh(p["w"] * x[0] + p["b"]) + p["c"]).reshape(1)
+
+
+def test_redrawn_batches_average_the_gram_and_take_the_best_grid_step():
+    """`fit(batches=...)` with the default optimizer (issue #13): the state's Gram is the
+    average $G_k = 0.3G_{k-1} + 0.7D_k^\\top D_k$ over the batches, and each update is the step
+    α·S^{-1/2}(G̃ + λI)^{-1}S^{-1/2}D_kᵀr_k (S = diag G_k, λ = AVERAGED_DAMPING) with α the
+    first local minimum of that batch's cost along 1, 1/2, …, 2^-30 — replayed here densely,
+    batch by batch.
+    Fixed data keep the trust region (no averaged Gram in the state)."""
+    batches = [_tall_tanh_problem(seed) for seed in range(4)]
+    problem = om.Problem(_tanh_model, *batches[0])
+    params = {"a": jnp.asarray([0.5, -0.3, 0.2]), "w": jnp.asarray([1.0, -0.7, 0.4]),
+              "b": jnp.asarray([0.1, 0.2, -0.3]), "c": jnp.asarray(0.05)}
+    result = om.fit(problem, params, batches=batches, max_steps=4, progress=False)
+
+    flat, unravel = ravel_pytree(params)
+    lam = _transform.AVERAGED_DAMPING
+    grid = 2.0 ** -np.arange(31.0)
+    gram = None
+    for inputs, targets in batches:
+        batch = problem.with_data(inputs, targets)
+        outputs, jac = batch.linearize(unravel(flat))
+        r = np.asarray(outputs - targets).reshape(-1)
+        jac = np.asarray(jac)
+        gram = jac.T @ jac if gram is None else 0.3 * gram + 0.7 * jac.T @ jac
+        d = 1.0 / np.sqrt(np.diag(gram))
+        mu, vecs = np.linalg.eigh(d[:, None] * gram * d[None, :])
+        delta = d * (vecs @ ((vecs.T @ (d * (jac.T @ r))) / (mu + lam)))
+        best, best_cost = 0.0, float(batch.cost(unravel(flat)))
+        for a in grid:  # from α = 1 down: the first local minimum below C(θ)
+            c = float(batch.cost(unravel(flat - a * delta)))
+            if c < best_cost:
+                best, best_cost = a, c
+            elif best > 0:
+                break
+        assert best > 0
+        flat = flat - best * delta
+    assert result.state.gram_average.shape == (10, 10)
+    np.testing.assert_allclose(result.state.gram_average, gram, rtol=1e-6)
+    np.testing.assert_allclose(ravel_pytree(result.params)[0], flat, rtol=1e-6, atol=1e-7)
+    assert result.costs[-1] < result.costs[0]
+
+    fixed = om.fit(problem, params, max_steps=4, progress=False)
+    assert fixed.state.gram_average.shape == (0, 0) and float(fixed.state.radius) > 0
+
+
+def test_a_fresh_batch_turns_the_geodesic_acceleration_off():
+    """The `fresh_data=True` extra argument (`fit` passes it with `batches=`): the default
+    update is then exactly the one without the acceleration; without it, the one with it;
+    and the two differ on this curved fit."""
+    problem, _ = exponential_fit()
+    b0 = jnp.array([2.6, 1.4, 0.45])  # where the first update takes the acceleration (above)
+    default = om.output_metric_descent()
+    state = default.init(b0)
+    on = om.output_metric_descent(geodesic_acceleration=True)
+    off = om.output_metric_descent(geodesic_acceleration=False)
+    fresh = default.update(None, state, b0, problem=problem, fresh_data=True)[0]
+    fixed = default.update(None, state, b0, problem=problem)[0]
+    np.testing.assert_array_equal(fresh, off.update(None, state, b0, problem=problem)[0])
+    np.testing.assert_array_equal(fixed, on.update(None, state, b0, problem=problem)[0])
+    assert not np.array_equal(fresh, fixed)
+    with pytest.raises(TypeError, match="fresh_data"):
+        default.update(None, state, b0, problem=problem, fresh_data="yes")
+    with pytest.raises(ValueError, match="gram_average"):
+        om.output_metric_descent(gram_average=1.0)
