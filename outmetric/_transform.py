@@ -514,8 +514,10 @@ def output_metric_descent(
     _check_flag("track_min_singular_value", track_min_singular_value)
     if geodesic_acceleration is not None:
         _check_flag("geodesic_acceleration", geodesic_acceleration)
-    if (isinstance(gram_average, bool) or not isinstance(gram_average, (int, float))
-            or not 0 <= gram_average < 1):
+    average = static_real(gram_average)  # (an array under optax.inject_hyperparams)
+    if isinstance(gram_average, bool) or (
+            average is None and not hasattr(gram_average, "dtype")) or (
+            average is not None and not 0 <= average < 1):
         raise ValueError(f"gram_average must be a number in [0, 1), got {gram_average!r}")
     _check_solve_options(rtol, cg_tol, cg_max_steps)
     _check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
@@ -737,8 +739,11 @@ def output_metric_descent(
 
 def _keeps_gram(gram_average, num_params: int) -> bool:
     """Whether the state keeps a K×K averaged Gram: `gram_average` > 0 and K small enough for
-    the spectral solve (`SPECTRAL_MAX_PARAMS`); otherwise the option has no effect."""
-    return gram_average > 0 and num_params <= SPECTRAL_MAX_PARAMS
+    the spectral solve (`SPECTRAL_MAX_PARAMS`); otherwise the option has no effect. β sets the
+    state's shape, so it is read at `init`: a traced β (`optax.inject_hyperparams` under a
+    jitted `init`) keeps none; pass it in ``static_args`` there to average."""
+    average = static_real(gram_average)
+    return average is not None and average > 0 and num_params <= SPECTRAL_MAX_PARAMS
 
 
 def _fresh_data(extra_args) -> bool:

@@ -512,5 +512,9 @@ def test_a_fresh_batch_turns_the_geodesic_acceleration_off():
     assert not np.array_equal(fresh, fixed)
     with pytest.raises(TypeError, match="fresh_data"):
         default.update(None, state, b0, problem=problem, fresh_data="yes")
-    with pytest.raises(ValueError, match="gram_average"):
-        om.output_metric_descent(gram_average=1.0)
+    for bad in (1.0, -0.1, True, "0.3", jnp.asarray(1.5)):
+        with pytest.raises(ValueError, match="gram_average"):
+            om.output_metric_descent(gram_average=bad)
+    # An array β, as optax.inject_hyperparams passes it, is read at init: it sets the state.
+    injected = optax.inject_hyperparams(om.output_metric_descent)(gram_average=0.3)
+    assert injected.init(b0).inner_state.gram_average.shape == (b0.size, b0.size)
