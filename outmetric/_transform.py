@@ -477,7 +477,9 @@ def output_metric_descent(
       damping, tuned on one batch, is wrong on the next; the average is better conditioned and
       what it resolves carries over. On the 5-D Poisson PINN: L² error 1e-6 in ≈ 160 updates,
       where the trust region is still near 1e-5 after 350–400 (`benchmarks.pinn_batch_rules`).
-      The state then holds the K×K average (`state.gram_average`).
+      The state then holds the K×K average (`state.gram_average`); β is read at `init`, where
+      it sets that shape (under `optax.inject_hyperparams` with a jitted `init`, name it in
+      ``static_args``).
 
     Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
     """
