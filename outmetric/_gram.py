@@ -387,9 +387,12 @@ def jacobian_gram(problem: AbstractProblem, params: PyTree, *, wide: bool = True
 
 
 def gram_diagonal(problem: AbstractProblem, params: PyTree, *, wide: bool = True,
-                  chunk_size: int | None = None) -> Float[Array, " n"]:
+                  chunk_size: int | None = None, row_root: Array | None = None
+                  ) -> Float[Array, " n"]:
     r"""The diagonal of $DD^\top$ (`wide`: squared row norms, length M) or of $D^\top D$
     (squared column norms, length K), from per-sample Jacobians `chunk_size` samples at a time.
+    With `row_root` (N×Q×Q, one block $R_j$ per sample), the same for $\hat D = RD$: each
+    sample's Jacobian rows are mixed by its block first (`outmetric._solve.weight_rows`).
 
     The Jacobi preconditioner of the matrix-free solve; costs one Jacobian evaluation and
     holds one chunk of rows.
@@ -399,19 +402,27 @@ def gram_diagonal(problem: AbstractProblem, params: PyTree, *, wide: bool = True
     flat, unravel = ravel_pytree(params)
     if not problem.per_sample:
         _, jac = problem.linearize(params, chunk_size=chunk_size)
+        if row_root is not None:
+            num_n, num_q = row_root.shape[:2]
+            jac = jnp.einsum("nqp,npk->nqk", row_root,
+                             jac.reshape(num_n, num_q, -1)).reshape(num_n * num_q, -1)
         return jnp.sum(jac**2, axis=1 if wide else 0)
 
-    def sq(u):
+    def sq(chunk):
+        u, root = chunk
         jac, _ = jax.vmap(lambda v: problem._sample_jacobian(flat, unravel, v))(u)
+        if root is not None:
+            jac = jnp.einsum("nqp,npk->nqk", root, jac)
         return jnp.sum(jac**2, axis=-1) if wide else jnp.sum(jac**2, axis=1)  # (n, Q) / (n, K)
 
     num_samples = problem.num_samples
     if wide or chunk_size is None or chunk_size >= num_samples:
-        out = map_sample_chunks(sq, problem.inputs, num_samples, chunk_size)
+        out = map_sample_chunks(sq, (problem.inputs, row_root), num_samples, chunk_size)
         return out.reshape(-1) if wide else jnp.sum(out, axis=0)
     # Tall side in chunks: sum each chunk's squares into one K-vector, so that one chunk of
     # rows is alive, not an N×K array of per-sample column norms (padding samples count 0).
-    chunked, num_chunks, size = sample_chunks(problem.inputs, num_samples, chunk_size)
+    chunked, num_chunks, size = sample_chunks((problem.inputs, row_root), num_samples,
+                                              chunk_size)
 
     def body(k, total):
         u = jax.tree_util.tree_map(

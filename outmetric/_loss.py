@@ -57,6 +57,38 @@ LOSSES: dict[str, Loss] = {
 }
 
 
+def output_hessian_roots(loss: Loss, x: Float[Array, "N Q"], y: Float[Array, "N Q"]
+                         ) -> tuple[Float[Array, "N Q Q"], Float[Array, "N Q Q"]]:
+    r"""Per sample, the symmetric square root $R_j$ of the loss's output Hessian
+    $\hat H_j = N\nabla^2_{x_j}C = \nabla^2\ell(x_j, y_j)$ and its pseudo-inverse $R_j^+$.
+
+    From the eigendecomposition $\hat H_j = V\,\mathrm{diag}(\mu)V^\top$: $R_j =
+    V\mathrm{diag}(\sqrt\mu)V^\top$ and $R_j^+ = V\mathrm{diag}(1/\sqrt\mu)V^\top$ over
+    $\mu > Q\epsilon\max\mu$ (the rest, e.g. cross-entropy's direction $\mathbf 1$ along which
+    the cost is constant, is dropped from both). For cross-entropy $\hat H_j = \langle 1,
+    y_j\rangle(\mathrm{diag}\,p_j - p_jp_j^\top)$, $p_j = \mathrm{softmax}(x_j)$; for L² it is I.
+    """
+    def sample_cost(xj, yj):
+        return loss.cost(xj[None], yj[None])
+
+    hessians = jax.vmap(jax.hessian(sample_cost))(x, y)
+    mu, vecs = jnp.linalg.eigh(0.5 * (hessians + jnp.swapaxes(hessians, -1, -2)))
+    cut = x.shape[-1] * float(jnp.finfo(x.dtype).eps) * jnp.max(mu, axis=-1, keepdims=True)
+    keep = mu > cut
+    root_mu = jnp.sqrt(jnp.where(keep, mu, 0.0))
+    inverse_mu = jnp.where(keep, 1.0 / jnp.where(keep, root_mu, 1.0), 0.0)
+    root = jnp.einsum("nqk,nk,npk->nqp", vecs, root_mu, vecs)
+    pinv_root = jnp.einsum("nqk,nk,npk->nqp", vecs, inverse_mu, vecs)
+    return root, pinv_root
+
+
+def apply_sample_blocks(blocks: Float[Array, "N Q Q"], vector: Float[Array, " M"]
+                        ) -> Float[Array, " M"]:
+    """The block-diagonal matrix with one Q×Q block per sample times a flattened (N·Q) vector."""
+    num_n, num_q = blocks.shape[:2]
+    return jnp.einsum("nqp,np->nq", blocks, vector.reshape(num_n, num_q)).reshape(-1)
+
+
 def get_loss(name: str) -> Loss:
     """Look a loss up by name; an unknown name is a ``ValueError`` naming ``loss``."""
     if not isinstance(name, str) or name not in LOSSES:

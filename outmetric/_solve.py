@@ -1147,6 +1147,59 @@ def scale_columns(lin: Linearization, inv_sqrt_scale: Float[Array, " K"]) -> Lin
                         column_diagonal=columns)
 
 
+def weight_rows(lin: Linearization, root: Float[Array, "N Q Q"], *,
+                diagonal: Callable[[], Array] | None = None,
+                column_diagonal: Callable[[], Array] | None = None) -> Linearization:
+    r"""The linearization of $\hat D = RD$, R block-diagonal with one symmetric Q×Q block $R_j$
+    per sample (`root`, N×Q×Q): the loss-Hessian weighting of the optimizer's step
+    (`output_metric_descent`'s `loss_hessian`), where $R_j^2 = \hat H_j$.
+
+    Dense D, JVP/VJP closures and a cached Gram of the wide side ($R\,DD^\top R$) follow. A
+    cached Gram of the tall side without a dense D (chunked $D^\top D$) cannot be reweighted
+    and is refused. Where neither D nor a Gram gives them, the diagonals are the callables
+    passed in (`gram_diagonal` with ``row_root``).
+    """
+    num_rows, num_params = lin.shape
+    wide = num_rows <= num_params
+    num_n, num_q = lin.outputs.shape
+
+    def mix(w):
+        return jnp.einsum("nqp,np->nq", root, w.reshape(num_n, num_q)).reshape(-1)
+
+    jac = None
+    if lin.jacobian is not None:
+        jac = jnp.einsum("nqp,npk->nqk", root,
+                         lin.jacobian.reshape(num_n, num_q, num_params)).reshape(num_rows, -1)
+    jvp = None if lin.jvp is None else (lambda v: mix(lin.jvp(v)))
+    vjp = None if lin.vjp is None else (lambda w: lin.vjp(mix(w)))
+    gram = None
+    if lin.gram is not None:
+        if jac is not None:
+            gram = jac @ jac.T if wide else jac.T @ jac
+        elif wide:
+            tiles = lin.gram.reshape(num_n, num_q, num_n, num_q)
+            tiles = jnp.einsum("nqp,npmr->nqmr", root, tiles)
+            gram = jnp.einsum("nqmr,msr->nqms", tiles, root).reshape(num_rows, num_rows)
+        else:
+            raise ValueError("the loss-Hessian weighting on the tall side (K < QN) needs a "
+                             "dense D or a matrix-free solve, not a chunked Gram: pass "
+                             "solver='cg', or loss_hessian=False")
+    if gram is not None:
+        gram_diagonal_ = lambda: jnp.diag(gram)  # noqa: E731
+    elif jac is not None:
+        gram_diagonal_ = lambda: jnp.sum(jac**2, axis=1 if wide else 0)  # noqa: E731
+    else:
+        gram_diagonal_ = diagonal
+    if jac is not None:
+        columns = lambda: jnp.sum(jac**2, axis=0)  # noqa: E731
+    elif gram is not None and not wide:
+        columns = lambda: jnp.diag(gram)  # noqa: E731
+    else:
+        columns = column_diagonal
+    return lin._replace(jacobian=jac, jvp=jvp, vjp=vjp, gram=gram, diagonal=gram_diagonal_,
+                        column_diagonal=columns)
+
+
 class SpectralFactor:
     r"""The damped family from one spectral factorization: every λ after it costs O(n) (+ one
     product with $\tilde D^\top$ for the step itself), and the rank comes for free.

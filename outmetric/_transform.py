@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-from ._gram import GRAM_METHODS
+from ._gram import GRAM_METHODS, gram_diagonal
+from ._loss import apply_sample_blocks, get_loss, output_hessian_roots
 from ._masking import unmasked_problem
 from ._problem import Problem, check_chunk_size, check_params, static_real
 from ._results import RESULTS
@@ -58,6 +59,7 @@ from ._solve import (
     sketch_rank,
     smallest_singular_value,
     solve,
+    weight_rows,
 )
 from ._validation import check_flag, check_nonnegative, check_problem, check_rtol, check_scalar
 
@@ -205,7 +207,7 @@ def scale_by_output_metric(
             raise ValueError("scale_by_output_metric.update needs params")
         problem = _require_problem("scale_by_output_metric", extra_args)
         problem = unmasked_problem(problem, params, extra_args, "scale_by_output_metric")
-        lin, method = _linearize(problem, params, damping, solver, chunk_size, gram,
+        lin, method, _ = _linearize(problem, params, damping, solver, chunk_size, gram,
                                  memory_budget)
         result = solve(lin, _residual_vector(problem, lin.outputs), damping=damping,
                        solver=method, rtol=rtol, cg_tol=cg_tol, cg_max_steps=cg_max_steps,
@@ -240,7 +242,7 @@ def _linearize(problem, params, damping, solver, chunk_size=None, gram="auto",
                       gram=gram, memory_budget=memory_budget, many_dampings=many_dampings)
     lin = linearize(problem, params, method=plan.method, chunk_size=plan.chunk_size,
                     gram=plan.gram)
-    return lin, plan.method
+    return lin, plan.method, plan.chunk_size
 
 
 class OutputMetricDescentState(NamedTuple):
@@ -368,6 +370,7 @@ def output_metric_descent(
     track_min_singular_value: bool = False,
     geodesic_acceleration: bool | None = None,
     gram_average: float = 0.0,
+    loss_hessian: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Output-metric descent: the discretised adapted flow with safeguards and stopping tests.
 
@@ -387,7 +390,10 @@ def output_metric_descent(
       scaled λ → 0 limit is a different, $S$-weighted minimum-norm step).
     - `scaling="auto"` (default): "jacobian" on the tall side (K < QN, curve fits and PINNs)
       under adaptive damping, where every S gives the same Gauss–Newton limit and only the path
-      of the damping changes; "identity" on the wide side and under fixed damping.
+      of the damping changes; "identity" on the wide side, under fixed damping, and for a
+      step weighted by the loss's Hessian (`loss_hessian`, below), whose column norms fall by
+      orders of magnitude as the fit saturates (digits cross-entropy: 0.07141 after 40 s with
+      the running maximum, 0.07113 without, the minimum being 0.07113).
 
     Damping and step:
 
@@ -481,6 +487,25 @@ def output_metric_descent(
       it sets that shape (under `optax.inject_hyperparams` with a jitted `init`, name it in
       ``static_args``).
 
+    - `loss_hessian`: for a loss other than L² (cross-entropy), weigh the output space by the
+      loss's Hessian $\hat H = N\nabla_x^2C$ (block-diagonal, one Q×Q block per sample): the
+      step solves $(D^\top\hat HD + \lambda S)\delta = D^\top r$, i.e. everything above runs
+      on $\hat D = \hat H^{1/2}D$ and $\hat r = \hat H^{+1/2}r$ (`weight_rows`,
+      `output_hessian_roots`), and the gain ratio compares the actual decrease with that of
+      the loss's quadratic model. This is the limit, as the time step h grows, of the linearly
+      implicit Euler step of the same adapted flow: $\theta' = F(\theta) = -D^+\nabla_xC$
+      has $\partial F \approx -D^+\hat HD/N$, and $(I - h\,\partial F)\Delta\theta =
+      hF$ is, on either side, $D^\top(I + \tfrac hN\hat H)D\,\Delta\theta = -\tfrac hN
+      D^\top r$. For L² ($\hat H = I$) that is the step with η = (h/N)/(1 + h/N), so
+      η = 1 is its h → ∞ limit and nothing changes; for cross-entropy the h → ∞ limit is the
+      generalized Gauss–Newton step (Newton's method in output space, $\Delta x =
+      -\hat H^+r$ on the wide side), where the explicit step $\Delta x = -(p - y)$ shrinks
+      the error of a class of probability p by only about (1 − p) per update (on digits,
+      p ≈ 0.001 for the wrong classes). The flow, its equilibria and the conserved logit
+      sums are the same. None (default): on, except on the tall side with a chunked Gram
+      and no dense D, which cannot be reweighted (True there is an error); False: the
+      explicit step.
+
     Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
     """
     check_solver_name(solver)
@@ -516,6 +541,8 @@ def output_metric_descent(
     _check_flag("track_min_singular_value", track_min_singular_value)
     if geodesic_acceleration is not None:
         _check_flag("geodesic_acceleration", geodesic_acceleration)
+    if loss_hessian is not None:
+        _check_flag("loss_hessian", loss_hessian)
     average = static_real(gram_average)  # (an array under optax.inject_hyperparams)
     if isinstance(gram_average, bool) or (
             average is None and not hasattr(gram_average, "dtype")) or (
@@ -571,10 +598,17 @@ def output_metric_descent(
         plan_gram = "jacobian" if scaled and wide and gram == "auto" else gram
         averaged = (adaptive and not wide
                     and state.gram_average.shape[0] == flat0.shape[0] > 0)
-        lin, method = _linearize(problem, params, solve_damping,
-                                 "eigh" if averaged else solver, chunk_size, plan_gram,
-                                 memory_budget, many_dampings=adaptive)
+        lin, method, plan_chunk = _linearize(problem, params, solve_damping,
+                                             "eigh" if averaged else solver, chunk_size,
+                                             plan_gram, memory_budget, many_dampings=adaptive)
         dtype = lin.flat_params.dtype
+        weighted = _weighs_loss_hessian(loss_hessian, problem, lin)
+        if weighted:
+            lin, root, pinv_root = _weighted(problem, params, lin, plan_chunk)
+            # Ĥ falls by orders of magnitude as the fit saturates (p(1 − p) → 0), so a running
+            # maximum of the weighted column norms would overstate the curvature and let λS
+            # swamp the step: under "auto" the weighted step is damped isotropically.
+            scaled = scaled and scaling == "jacobian"
         gram_kept = state.gram_average
         if averaged:
             first = state.count == 0
@@ -593,6 +627,8 @@ def output_metric_descent(
         # In the parameters' dtype (float32 params on float64 data: the Problem casts the data,
         # so outputs, D and the state are float32).
         residual = _residual_vector(problem, lin.outputs).astype(dtype)
+        if weighted:
+            residual = apply_sample_blocks(pinv_root, residual)  # R⁺r
         cost0 = problem.cost_from_outputs(lin.outputs).astype(dtype)
         ftol_ = _default_ftol(ftol, dtype)
         xtol_ = _default_tolerance(xtol, dtype)
@@ -683,6 +719,9 @@ def output_metric_descent(
             accelerate = (not fresh_data if geodesic_acceleration is None
                           else geodesic_acceleration)
             accel = _second_derivative(problem, lin, dtype) if accelerate else None
+            if weighted and accel is not None:
+                second = accel
+                accel = lambda direction: apply_sample_blocks(root, second(direction))  # noqa: E731
             outcome = trust_region(factor, *common, radius=state.radius,
                                    first=state.radius < 0, xnorm=xnorm, ftol=ftol_, xtol=xtol_,
                                    max_trials=max_trials, acceleration=accel)
@@ -746,6 +785,35 @@ def _keeps_gram(gram_average, num_params: int) -> bool:
     jitted `init`) keeps none; pass it in ``static_args`` there to average."""
     average = static_real(gram_average)
     return average is not None and average > 0 and num_params <= SPECTRAL_MAX_PARAMS
+
+
+def _weighs_loss_hessian(loss_hessian, problem, lin) -> bool:
+    """Whether this update weighs the output space by the loss's Hessian (`loss_hessian`): not
+    for L² (Ĥ = I: nothing to weigh); under None (default) not where `weight_rows` cannot
+    reweigh the linearization (a chunked Gram of the tall side without a dense D)."""
+    if problem.loss == "l2" or loss_hessian is False:
+        return False
+    tall_gram_only = (lin.shape[0] > lin.shape[1] and lin.gram is not None
+                      and lin.jacobian is None)
+    return loss_hessian is True or not tall_gram_only
+
+
+def _weighted(problem, params, lin, chunk_size):
+    r"""(the linearization of $\hat D = RD$, R, R⁺) with $R_j^2 = \hat H_j$ the loss's output
+    Hessian per sample (`output_hessian_roots`, `weight_rows`). The step then solves
+    $(D^\top\hat HD + \lambda S)\delta = D^\top r$ (``loss_hessian`` of
+    `output_metric_descent`)."""
+    targets = problem.targets.astype(lin.outputs.dtype)
+    root, pinv_root = output_hessian_roots(get_loss(problem.loss), lin.outputs, targets)
+    wide = lin.shape[0] <= lin.shape[1]
+
+    def rows():
+        return gram_diagonal(problem, params, wide=wide, chunk_size=chunk_size, row_root=root)
+
+    def columns():
+        return gram_diagonal(problem, params, wide=False, chunk_size=chunk_size, row_root=root)
+
+    return weight_rows(lin, root, diagonal=rows, column_diagonal=columns), root, pinv_root
 
 
 def _fresh_data(extra_args) -> bool:

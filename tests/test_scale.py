@@ -305,10 +305,14 @@ def test_auto_picks_the_parameter_side_cg_where_the_dense_tall_route_costs_more(
     assert plan(20000, 4000, q=1).method == "cholesky"  # 3.4e11 flops against 1000 × 6.4e8
 
 
-def test_the_tall_matrix_free_step_agrees_with_the_dense_damped_step(monkeypatch):
-    """What "auto" picks on the tall side at digits size (the K-side CG with column scaling),
+@pytest.mark.parametrize("loss_hessian, initial_damping", [(None, 1.0), (False, 0.1)],
+                         ids=["weighted", "explicit"])
+def test_the_tall_matrix_free_step_agrees_with_the_dense_damped_step(monkeypatch, loss_hessian,
+                                                                     initial_damping):
+    """What "auto" picks on the tall side at digits size (the K-side CG: on the loss-Hessian
+    weighted D̂ with isotropic damping by default, with column scaling for the explicit step),
     forced at a small size, takes the dense (Cholesky) step of the same update: the same λ,
-    the same scaled damping, and a direction equal within the CG tolerance."""
+    the same damping scale, and a direction equal within the CG tolerance."""
     model = MODELS["tanh_mlp"](jax.random.PRNGKey(1), 4, 3, width=5)  # K = 73 < QN = 90
     inputs = jax.random.normal(jax.random.PRNGKey(2), (30, 4))
     problem = om.Problem(model.apply, inputs, jnp.arange(30) % 3, loss="cross_entropy")
@@ -317,8 +321,10 @@ def test_the_tall_matrix_free_step_agrees_with_the_dense_damped_step(monkeypatch
     monkeypatch.setattr(_solve, "SPECTRAL_MAX_PARAMS", 0)
     assert om.plan_solve(problem, params, damping=1.0, many_dampings=True).method == "cg"
     # λ₀ large enough that both accept their first trial (the rules differ after a rejection).
-    free = om.output_metric_descent(initial_damping=0.1, cg_tol=1e-10)
-    dense = om.output_metric_descent(initial_damping=0.1, solver="cholesky")
+    free = om.output_metric_descent(initial_damping=initial_damping, cg_tol=1e-10,
+                                    loss_hessian=loss_hessian)
+    dense = om.output_metric_descent(initial_damping=initial_damping, solver="cholesky",
+                                     loss_hessian=loss_hessian)
     u_free, s_free = free.update(None, free.init(params), params, problem=problem)
     u_dense, s_dense = dense.update(None, dense.init(params), params, problem=problem)
     assert om.SOLVERS[int(s_free.solver)] == "cg" and bool(s_free.solve_converged)
