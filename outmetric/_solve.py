@@ -1341,7 +1341,8 @@ class DirectFactor:
 
 
 def normal_equations_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, initial,
-                        forcing, max_steps: int, column_diagonal=None) -> DampedStep:
+                        forcing, max_steps: int, column_diagonal=None,
+                        preconditioner: Preconditioner | None = None) -> DampedStep:
     r"""One inexact solve of $(\tilde D^\top\tilde D + \lambda I)\tilde\delta = \tilde D^\top r$ by
     preconditioned conjugate gradients on the K side, matrix-free (one JVP + one VJP per
     iteration), warm-started at `initial` and stopped by the inexact-Newton forcing rule
@@ -1350,7 +1351,9 @@ def normal_equations_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, ini
 
     The K side holds the same vector as the M side ($\tilde D^\top(\tilde D\tilde D^\top+\lambda
     I)^{-1}r$), and it lets the previous step seed the next solve. `column_diagonal`
-    (diag $\tilde D^\top\tilde D$) gives the Jacobi preconditioner. Written here rather than
+    (diag $\tilde D^\top\tilde D$) gives the Jacobi preconditioner; `preconditioner`, a
+    `Preconditioner` of $\tilde D^\top\tilde D$ (the Nyström one of the tall side), takes
+    precedence. Written here rather than
     with `lineax.CG`, whose stopping test is componentwise in both the residual and the update
     and cannot express a 2-norm forcing rule.
     """
@@ -1360,16 +1363,14 @@ def normal_equations_cg(lin: Linearization, rhs: Float[Array, " M"], lam, *, ini
     def operator(v):
         return lin.rmatvec(lin.matvec(v)) + lam * v
 
-    if column_diagonal is not None:
-        damped = column_diagonal + lam
-        inverse = jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 1.0)
-    else:
-        inverse = jnp.ones_like(lin.flat_params)
+    if preconditioner is None and column_diagonal is not None:
+        preconditioner = Preconditioner(diagonal=column_diagonal)
+    apply = (lambda v: v) if preconditioner is None else _preconditioner_apply(
+        preconditioner, lam, dtype)
     b = lin.rmatvec(rhs)
     bound = forcing * jnp.linalg.norm(b)
     y = jnp.where(jnp.all(jnp.isfinite(initial)), initial, 0.0).astype(dtype)
-    steps, y = _preconditioned_cg(operator, lambda v: inverse * v, y, b - operator(y), bound,
-                                  max_steps)
+    steps, y = _preconditioned_cg(operator, apply, y, b - operator(y), bound, max_steps)
     residual = b - operator(y)  # the true residual: round-off, and non-finite data, show here
     image = lin.matvec(y)
     finite = (jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(residual))

@@ -44,6 +44,7 @@ from ._solve import (
     SKETCH_RANK,
     SOLVERS,
     SPECTRAL_MAX_PARAMS,
+    DampedStep,
     DirectFactor,
     Preconditioner,
     SolveResult,
@@ -283,6 +284,8 @@ class OutputMetricDescentState(NamedTuple):
       iterations of the first solve after the last sketch (see `_reuse_sketch`).
     - `gram_average`: the Gram $D^\top D$ averaged over the updates (`gram_average` > 0 on the
       tall side), shape (K, K); (0, 0) without it.
+    - `momentum`: SPRING's direction φ of the last update (`momentum` > 0: the step
+      taken was −ηφ), in parameter coordinates, shape (K,); (0,) without it.
     """
 
     count: Int[Array, ""]
@@ -308,6 +311,7 @@ class OutputMetricDescentState(NamedTuple):
     sketch_refresh: Bool[Array, ""] = np.asarray(True)
     sketch_effort: Float[Array, ""] = np.asarray(-1.0)
     gram_average: Float[Array, "K K"] | None = None
+    momentum: Float[Array, " K"] | None = None
 
 
 #: Adaptive damping rules: "auto" (the trust region where a spectral factorization makes
@@ -371,6 +375,7 @@ def output_metric_descent(
     geodesic_acceleration: bool | None = None,
     gram_average: float = 0.0,
     loss_hessian: bool | None = None,
+    momentum: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Output-metric descent: the discretised adapted flow with safeguards and stopping tests.
 
@@ -505,6 +510,15 @@ def output_metric_descent(
       sums are the same. None (default): on, except on the tall side with a chunked Gram
       and no dense D, which cannot be reweighted (True there is an error); False: the
       explicit step.
+    - `momentum`: μ in [0, 1), for a fixed `damping` λ only. With μ > 0 the update is
+      SPRING's (the rule of the mini-batch natural-gradient codes for wide batches, QB ≤ K):
+      a direction kept across updates, $\varphi_k = \mu\varphi_{k-1} + \delta_k$ with δ_k the
+      damped step for the residual $r_k - \mu D_k\varphi_{k-1}$, and the step $-\eta\varphi_k$
+      (`_with_momentum`; backtracking, unless `linesearch=None`, shortens it and what the
+      state keeps). It costs one more Jacobian-vector product per update and K numbers of
+      state (`state.momentum`). μ sets the state's shape, so it is read when the optimizer is
+      made (a traced μ, from `optax.inject_hyperparams` under a jitted `init`, is no momentum:
+      name it in ``static_args``).
 
     Use as any optax optimizer: ``opt.update(grads, state, params, problem=problem)``.
     """
@@ -548,6 +562,14 @@ def output_metric_descent(
             average is None and not hasattr(gram_average, "dtype")) or (
             average is not None and not 0 <= average < 1):
         raise ValueError(f"gram_average must be a number in [0, 1), got {gram_average!r}")
+    mu = static_real(momentum)  # (an array under optax.inject_hyperparams, like gram_average)
+    if isinstance(momentum, bool) or (mu is None and not hasattr(momentum, "dtype")) or (
+            mu is not None and not 0 <= mu < 1):
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    spring = mu is not None and mu > 0
+    if spring and adaptive:
+        raise ValueError("momentum > 0 is SPRING's rule, for a fixed damping: pass damping=λ "
+                         "(a number), not 'adaptive'")
     _check_solve_options(rtol, cg_tol, cg_max_steps)
     _check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     _check_scale_options(solver, chunk_size, gram, preconditioner, preconditioner_rank,
@@ -582,6 +604,7 @@ def output_metric_descent(
             jnp.asarray(-1.0, dtype),
             jnp.zeros((num_params, num_params) if _keeps_gram(gram_average, num_params)
                       else (0, 0), dtype),
+            jnp.zeros((num_params if spring else 0,), dtype),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -657,6 +680,11 @@ def output_metric_descent(
             scaled_lin = lin
             xnorm = jnp.linalg.norm(flat)
         gradient = scaled_lin.rmatvec(residual)  # S^{-1/2} Dᵀ r
+        solve_rhs = residual
+        if spring:  # SPRING: solve for what the last direction leaves of r (`_with_momentum`)
+            previous = state.momentum.astype(dtype) / inv_sqrt  # S^{1/2}φ
+            pushed = scaled_lin.matvec(previous)
+            solve_rhs = residual - mu * pushed
         gradient_norm = jnp.linalg.norm(gradient)
         if columns_at_hand:
             gtol_hit = gradient_test(gradient * jnp.sqrt(scale) if scaled else gradient,
@@ -672,15 +700,17 @@ def output_metric_descent(
         matrix_free = method in MATRIX_FREE
         forcing = state.forcing
         forcing_norm = gradient_norm
-        output_side = False
+        output_side = kept_sketch = False
         if spectral:
-            factor = SpectralFactor(scaled_lin, residual,
+            factor = SpectralFactor(scaled_lin, solve_rhs,
                                     _rtol(rtol, lin.shape, dtype), use_gram=method == "eigh")
         elif method == "cg" and adaptive:
             # The output side when preconditioned by Nyström on the wide side
             # (`output_space_cg`); the forcing then follows ‖r‖, else ‖S^{-1/2}Dᵀr‖.
-            output_side = wide and state.sketch_values.shape[0] > 0 and (
+            # The kept Nyström sketch preconditions either side (`_kept_sketch`).
+            kept_sketch = state.sketch_values.shape[0] > 0 and (
                 preconditioner == "nystrom" or (solver == "auto" and preconditioner is None))
+            output_side = wide and kept_sketch
             forcing_norm = jnp.linalg.norm(residual) if output_side else gradient_norm
             if cg_tol is None:
                 ratio = forcing_norm / jnp.where(state.gradient_norm > 0, state.gradient_norm,
@@ -700,19 +730,24 @@ def output_metric_descent(
             else:
                 column_diag = (scaled_lin.column_diagonal() if preconditioner == "jacobi"
                                else None)
+                pre, sketched = (_kept_sketch(scaled_lin, state, dtype) if kept_sketch
+                                 else (None, None))
                 factor = _KrylovFactor(scaled_lin, residual, state.direction.astype(dtype),
-                                       forcing.astype(dtype), max_cg, column_diag)
+                                       forcing.astype(dtype), max_cg, column_diag, pre)
         else:
             pre = prepare_preconditioner(scaled_lin, preconditioner, preconditioner_rank) if (
                 method == "cg") else None
-            factor = DirectFactor(scaled_lin, residual, method, rtol, cg_tol=cg_tol,
+            factor = DirectFactor(scaled_lin, solve_rhs, method, rtol, cg_tol=cg_tol,
                                   cg_max_steps=cg_max_steps, preconditioner=pre)
 
         if averaged:
             outcome = grid_search(factor.step(jnp.asarray(AVERAGED_DAMPING, dtype)), *common,
                                   xnorm=xnorm, ftol=ftol_, xtol=xtol_)
         elif not adaptive:
-            outcome = backtracking(factor.step(jnp.asarray(damping, dtype)), *common,
+            damped = factor.step(jnp.asarray(damping, dtype))
+            if spring:
+                damped = _with_momentum(damped, previous, mu, scaled_lin, residual)
+            outcome = backtracking(damped, *common,
                                    xnorm=xnorm, ftol=ftol_, xtol=xtol_, max_trials=max_trials,
                                    enabled=linesearch == "backtracking")
         elif spectral and step_rule in ("auto", "trust_region"):
@@ -726,7 +761,7 @@ def output_metric_descent(
                                    first=state.radius < 0, xnorm=xnorm, ftol=ftol_, xtol=xtol_,
                                    max_trials=max_trials, acceleration=accel)
         else:
-            mean_diagonal = _mean_gram_diagonal(scaled_lin, gradient)
+            mean_diagonal = _mean_gram_diagonal(scaled_lin, columns_at_hand)
             lam0 = jnp.where(state.damping < 0, initial_damping * mean_diagonal, state.damping)
             # The Cholesky factorization of the damped Gram needs λ above round-off of the Gram;
             # CG and the rest only need λ > 0 for the multiplicative rule.
@@ -760,9 +795,9 @@ def output_metric_descent(
         damping_out = outcome.damping if adaptive else state.damping
         sketch = (state.sketch_basis, state.sketch_values, state.sketch_refresh,
                   state.sketch_effort)
-        if matrix_free and adaptive and output_side:
+        if matrix_free and adaptive and kept_sketch:
             sketch = _reuse_sketch(pre, sketched, result.num_steps, solve_lambda, state,
-                                   lin.shape[0])
+                                   min(lin.shape))
         new_state = OutputMetricDescentState(
             state.count + 1, damping_out.astype(dtype), outcome.growth.astype(dtype), taken,
             rank, fallback, cost0, _solver_code(method), sigma,
@@ -771,11 +806,30 @@ def output_metric_descent(
             outcome.radius.astype(dtype), result.delta.astype(state.direction.dtype),
             forcing.astype(dtype), forcing_norm.astype(dtype), result.converged,
             jnp.asarray(result.num_steps, jnp.int32), *sketch, gram_kept,
+            (step / eta).astype(state.momentum.dtype) if spring else state.momentum,
         )
         return new_updates, new_state
 
     GRADIENT_FREE.add(update_fn)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _with_momentum(damped: DampedStep, previous, momentum, lin, residual) -> DampedStep:
+    r"""SPRING's direction (Goldshtein, Mahoney & Tubman 2024, for mini-batches of a wide
+    problem): $\varphi_k = \mu\varphi_{k-1} + \delta$, where δ is the damped step for the
+    residual the last direction leaves, $(D^\top D + \lambda I)\delta =
+    D^\top(r - \mu D\varphi_{k-1})$; i.e. $\varphi_k$ minimizes
+    $\|D\varphi - r\|^2 + \lambda\|\varphi - \mu\varphi_{k-1}\|^2$. Each batch's solve
+    keeps what earlier batches resolved instead of restarting from 0: on a consistent linear
+    system with μ → 1 it is randomized block Kaczmarz's iteration towards the
+    minimum-norm solution of the whole system, so the direction stops fitting one batch's
+    noise. The linear model along $\varphi_k$ (`model_linear`, `model_quadratic`) is the
+    current residual's. `damped` is δ's solve, `previous` is $S^{1/2}\varphi_{k-1}$, `lin` the
+    (scaled) linearization, `residual` r."""
+    direction = momentum * previous + damped.delta
+    image = lin.matvec(direction)
+    return DampedStep(direction, jnp.vdot(residual, image), jnp.vdot(image, image),
+                      jnp.linalg.norm(direction), damped.solve)
 
 
 def _keeps_gram(gram_average, num_params: int) -> bool:
@@ -864,10 +918,11 @@ def _squares_overflow(lin, column_sq, gradient, cost) -> Array:
 class _KrylovFactor:
     """One matrix-free CG solve per λ (`normal_equations_cg`), warm-started and forced."""
 
-    def __init__(self, lin, residual, initial, forcing, max_steps, column_diagonal):
+    def __init__(self, lin, residual, initial, forcing, max_steps, column_diagonal,
+                 preconditioner=None):
         self._args = (lin, residual)
         self._options = dict(initial=initial, forcing=forcing, max_steps=max_steps,
-                             column_diagonal=column_diagonal)
+                             column_diagonal=column_diagonal, preconditioner=preconditioner)
 
     def step(self, lam):
         return normal_equations_cg(*self._args, lam, **self._options)
@@ -880,10 +935,11 @@ SKETCH_GROWTH, SKETCH_MIN_FRACTION = 2.0, 0.5
 
 
 def _kept_sketch(lin, state, dtype):
-    """The Nyström preconditioner of the output side's Gram for this update: the one kept in
-    the state, or, when it is marked for renewal (or there is none yet), a new sketch of
-    ℓ Gram products (`prepare_preconditioner`). Returns it and whether it is new."""
-    n = lin.shape[0]
+    """The Nyström preconditioner of the smaller side's Gram for this update (D̃D̃ᵀ on the wide
+    side, D̃ᵀD̃ on the tall side): the one kept in the state, or, when it is marked for renewal
+    (or there is none yet), a new sketch of ℓ Gram products (`prepare_preconditioner`).
+    Returns it and whether it is new."""
+    n = min(lin.shape)
     rank = min(state.sketch_values.shape[0], n)
     kept = Preconditioner(basis=state.sketch_basis[:n, :rank].astype(dtype),
                           eigenvalues=state.sketch_values[:rank].astype(dtype))
@@ -896,7 +952,7 @@ def _kept_sketch(lin, state, dtype):
 def _reuse_sketch(pre, sketched, steps, lam, state, num_rows):
     r"""(basis, values, refresh, effort) for the next update.
 
-    The Gram of a wide network changes slowly, so one sketch serves many updates. With it, CG
+    The Gram of a network changes slowly, so one sketch serves many updates. With it, CG
     needs about $\sqrt{\kappa}$ iterations, $\kappa = 1 + \hat\mu_\ell/\lambda$ for a fresh
     sketch: the *effort* $e = \text{iterations}/\sqrt{1 + \hat\mu_\ell/\lambda}$ discounts the
     growth that falling λ causes (which a new sketch of the same ℓ cannot undo). The sketch is
@@ -943,15 +999,18 @@ def _rtol(rtol, shape, dtype):
     return default_rtol(*shape, dtype) if rtol is None else rtol
 
 
-def _mean_gram_diagonal(lin, gradient):
-    """The mean diagonal of the Gram of the smaller side, ‖D‖_F²/min(QN, K): λ's unit."""
+def _mean_gram_diagonal(lin, columns_at_hand: bool):
+    """The mean diagonal of the Gram of the smaller side, ‖D‖_F²/min(QN, K): λ's unit. Exact
+    where D, the Gram or the column norms are at hand; else a Hutchinson estimate (one VJP),
+    not a pass of per-sample Jacobians (0.5–0.9 s an update on digits cross-entropy, most of
+    an update's fixed cost)."""
     dtype = lin.flat_params.dtype
     size = min(lin.shape)
     if lin.gram is not None:
         total = jnp.trace(lin.gram)
     elif lin.jacobian is not None:
         total = jnp.sum(lin.jacobian**2)
-    elif lin.column_diagonal is not None and lin.shape[0] > lin.shape[1]:
+    elif columns_at_hand and lin.column_diagonal is not None and lin.shape[0] > lin.shape[1]:
         total = jnp.sum(lin.column_diagonal())
     else:  # matrix-free: Hutchinson estimate of ‖D‖_F² from one Rademacher probe
         probe = jax.random.rademacher(jax.random.PRNGKey(0), (lin.shape[0],), dtype)

@@ -21,7 +21,7 @@ from jax.flatten_util import ravel_pytree
 
 import outmetric as om
 from helpers import MODELS, make_problem
-from outmetric import _gram, _solve
+from outmetric import _gram, _solve, _transform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -319,6 +319,10 @@ def test_the_tall_matrix_free_step_agrees_with_the_dense_damped_step(monkeypatch
     params = model.params
     monkeypatch.setattr(_solve, "MATRIX_FREE_PRODUCTS", 0)
     monkeypatch.setattr(_solve, "SPECTRAL_MAX_PARAMS", 0)
+    # λ's unit, ‖D̂‖_F²/K, is a one-probe Hutchinson estimate on the matrix-free path (below);
+    # here the exact one, so that both paths solve at the same λ.
+    exact = _transform._mean_gram_diagonal
+    monkeypatch.setattr(_transform, "_mean_gram_diagonal", lambda lin, _: exact(lin, True))
     assert om.plan_solve(problem, params, damping=1.0, many_dampings=True).method == "cg"
     # λ₀ large enough that both accept their first trial (the rules differ after a rejection).
     free = om.output_metric_descent(initial_damping=initial_damping, cg_tol=1e-10,
@@ -334,6 +338,23 @@ def test_the_tall_matrix_free_step_agrees_with_the_dense_damped_step(monkeypatch
     flat_free, flat_dense = ravel_pytree(u_free)[0], ravel_pytree(u_dense)[0]
     np.testing.assert_allclose(flat_free, flat_dense, rtol=0, atol=1e-8 * jnp.abs(flat_dense).max())
     assert problem.cost(optax.apply_updates(params, u_free)) < problem.cost(params)
+
+
+def test_the_matrix_free_damping_unit_estimates_the_frobenius_norm():
+    """Without D, its Gram or its column norms at hand, λ's unit ‖D‖_F²/min(QN, K) comes from
+    one Rademacher probe, ‖Dᵀz‖²: unbiased, and within a factor of 2 of the exact value here,
+    where the exact one would cost a pass of per-sample Jacobians."""
+    model = MODELS["tanh_mlp"](jax.random.PRNGKey(1), 4, 3, width=5)
+    problem = om.Problem(model.apply, jax.random.normal(jax.random.PRNGKey(2), (30, 4)),
+                         jnp.arange(30) % 3, loss="cross_entropy")
+    lin = _solve.linearize(problem, model.params, method="cg")
+    assert lin.jacobian is None and lin.gram is None
+    dense = problem.jacobian(model.params).reshape(-1, lin.shape[1])
+    exact = float(jnp.sum(dense**2)) / min(lin.shape)
+    estimate = float(_transform._mean_gram_diagonal(lin, False))
+    assert estimate != exact and 0.5 * exact < estimate < 2 * exact
+    columns = lin._replace(column_diagonal=lambda: jnp.sum(dense**2, axis=0))
+    np.testing.assert_allclose(_transform._mean_gram_diagonal(columns, True), exact, rtol=1e-12)
 
 
 def test_a_step_that_will_take_long_is_logged(caplog, monkeypatch):
