@@ -203,7 +203,8 @@ def test_digits_cross_entropy_tiny_mode(tmp_path):
     Adam at three rates, and writes its JSON and Markdown (numbers unchecked: a smoke test;
     about 30 s, most of it compiling, on 2 loaded cores)."""
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", "digits_cross_entropy.py"),
-                           "--tiny", "--dtype", "float64", "--steps", "3", "--out",
+                           "--tiny", "--dtype", "float64", "--steps", "3", "--seeds", "0", "1",
+                           "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -220,5 +221,10 @@ def test_digits_cross_entropy_tiny_mode(tmp_path):
     assert [a["learning_rate"] for a in race["adam"]] == [1e-2, 1e-3, 1e-4]
     for row in [race["outmetric"]] + race["adam"]:
         assert 0 <= row["test_accuracy"] <= 1 and math.isfinite(row["train_cost"])
+    # One race per seed: different initialisations, so different starting costs.
+    assert [r["seed"] for r in data["races"]] == [0, 1]
+    assert data["races"][0]["outmetric"]["costs"][0] != data["races"][1]["outmetric"]["costs"][0]
+    assert len(race["outmetric"]["test_accuracies"]) == len(race["outmetric"]["costs"])
     md = (tmp_path / "digits_cross_entropy_tiny.md").read_text()
     assert "--tiny" in md and "| adam(lr=0.01) |" in md and "load average" in md
+    assert "## Over the seeds" in md and "| float64 | 0, 1 |" in md
