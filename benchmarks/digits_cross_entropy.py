@@ -224,7 +224,7 @@ def markdown(record: dict) -> str:
                   "| method | steps | training cost (smoothed) | plain CE | test accuracy |",
                   "|---|---|---|---|---|"]
         for row in [r["outmetric"]] + r["adam"]:
-            lines.append(f"| {row['name']} | {row['steps']} | {row['train_cost']:.4g} | "
+            lines.append(f"| {row['name']} | {row['steps']} | {row['train_cost']:.7f} | "
                          f"{row['train_cross_entropy_plain']:.4g} | {row['test_accuracy']:.4f} |")
         lines += ["", f"Lower training cost than the best Adam ({r['best_adam']}): "
                   f"{r['lower_cost_than_best_adam']}; test accuracy no lower: "

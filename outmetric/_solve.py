@@ -335,7 +335,8 @@ def _auto_plan(damping, num_rows, num_params, itemsize, budget, *, structured, n
                          f"({dense_route_flops:.1e} flops) cost more than {MATRIX_FREE_PRODUCTS} "
                          f"Gram-vector products ({product_flops:.1e} flops each): CG on the "
                          f"parameter side, preconditioned by the column scaling (column norms "
-                         f"{chunk} samples at a time; about {memory}); {sizes}")
+                         f"{chunk} samples at a time) and a kept Nyström sketch of DᵀD (about "
+                         f"{memory}); {sizes}")
     if not undamped and structured_pays and wide and 3 * gram <= budget:
         return SolvePlan("cholesky", chunk_size, "structured",
                          f"dense layers found; structured Gram ({_bytes(gram)}; the solve "
@@ -418,7 +419,8 @@ def plan_solve(problem: Problem, params: PyTree, *, solver: str = "auto",
        kept Nyström sketch (`output_space_cg`, `sketch_rank`); on the tall side ($K < M$),
        when forming $D^\top D$ and one Cholesky of it ($MK^2 + K^3/3$ flops) cost more than
        `MATRIX_FREE_PRODUCTS` products: `"cg"`, which the optimizer runs on the parameter side
-       (`normal_equations_cg`, warm-started, column-scaled), with `chunk_size` the samples per
+       (`normal_equations_cg`, warm-started, column-scaled, preconditioned by the kept
+       Nyström sketch of $D^\top D$), with `chunk_size` the samples per
        chunk of the column norms (`COLUMN_CHUNK_BYTES`). Measured on digits cross-entropy
        (M = 13,470, K = 9,610): 0.4–1.4 s a step against 352 s for the dense Cholesky one; on
        the first 300 digits a lower cost than the dense Cholesky steps at each of 15 steps
@@ -521,10 +523,11 @@ def estimate_memory_bytes(plan: SolvePlan, num_rows: int, num_params: int, items
     plus the chunk's per-sample Jacobians (twice on the wide side); 0 for the matrix-free
     methods (O(K + M)), plus `sketch_bytes` for a kept Nyström sketch of rank `sketch`. On the
     tall side (M > K) "cg" holds one chunk of per-sample Jacobians and their squares while it
-    sums the column norms of its scaling, 2·chunk·QKb, and the state's K×ℓ sketch (unused
-    there, allocated at `init` in case the plan is the wide side's), 2Kℓb: at QN = 13,470,
-    K = 9,610 (digits cross-entropy) 86 MiB in float64 against 80 MiB of peak RSS growth
-    measured over one update (`benchmarks/plan_memory.py`)."""
+    sums the column norms of its scaling, 2·chunk·QKb, and the kept Nyström sketch of the
+    K-side Gram, `sketch_bytes` with M = K (2Kℓb in the state and the loop's copy, 4Kℓb while
+    sketching): at QN = 13,470, K = 9,610, ℓ = 150 (digits cross-entropy) 129 MiB in float64
+    against 113 MiB of peak RSS growth measured over one update (`benchmarks/plan_memory.py`;
+    the rule before the sketch was used there, 2Kℓb, gave 85 MiB: 1.28×)."""
     dense = num_rows * num_params * itemsize
     small = min(num_rows, num_params)
     gram = small * small * itemsize
@@ -541,7 +544,7 @@ def estimate_memory_bytes(plan: SolvePlan, num_rows: int, num_params: int, items
         samples = num_samples or num_rows
         chunk = samples if plan.chunk_size is None else min(plan.chunk_size, samples)
         per_sample = (num_rows // samples) * num_params * itemsize
-        return 2 * chunk * per_sample + 2 * sketch * num_params * itemsize
+        return 2 * chunk * per_sample + sketch_bytes(sketch, num_params, num_params, itemsize)
     return sketch_bytes(sketch, num_rows, num_params, itemsize) if plan.method == "cg" else 0
 
 

@@ -430,8 +430,10 @@ def output_metric_descent(
       that the state keeps across updates and renews when CG slows (`_reuse_sketch`). On the
       tall side `"auto"` picks `"cg"` when forming DᵀD and its Cholesky would cost more than
       `MATRIX_FREE_PRODUCTS` products (digits cross-entropy, K = 9,610 < QN = 13,470); the
-      K-side solve above then runs on the column-scaled D̃ (the scaling is its Jacobi
-      preconditioner).
+      K-side solve above then runs on the column-scaled D̃ (the explicit step; the
+      loss-Hessian weighted one is damped isotropically), preconditioned by the same kept
+      Nyström sketch, here of D̃ᵀD̃. λ's unit, the mean Gram diagonal, is then a one-probe
+      Hutchinson estimate (`_mean_gram_diagonal`).
     - `damping=λ` (a number ≥ 0): fixed damping; with `linesearch="backtracking"` the step
       fraction $\alpha_k$ is the largest of 1, 1/2, 1/4, … that decreases C; with
       `linesearch=None` the plain Euler step ($\alpha_k = 1$; for a model linear in θ with

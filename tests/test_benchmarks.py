@@ -198,6 +198,25 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
         "updates"][0]["cost_before"]
 
 
+def test_digits_minibatch_tiny_mode(tmp_path):
+    """`benchmarks/digits_minibatch.py --tiny` runs outmetric's two mini-batch rules, Adam at
+    three rates on the same batches and the full-batch default, and writes its JSON and
+    Markdown (a smoke test: 1 s each)."""
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "digits_minibatch.py"),
+                           "--tiny", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "digits_minibatch_tiny.json").read_text())
+    names = [r["name"] for r in data["runs"]]
+    assert len(names) == 6 and names[1].startswith("outmetric SPRING")
+    for row in data["runs"]:
+        assert row["steps"] > 0 and math.isfinite(row["train_cost"])
+        assert 0 <= row["test_accuracy"] <= 1
+    assert data["best_adam"] in names and set(data["lower_cost_than_best_adam"]) == set(names[:2])
+    md = (tmp_path / "digits_minibatch_tiny.md").read_text()
+    assert "| adam(lr=0.001), mini-batch |" in md and "--tiny" in md
+
+
 def test_digits_cross_entropy_tiny_mode(tmp_path):
     """`benchmarks/digits_cross_entropy.py --tiny` times the default step, races `fit` against
     Adam at three rates, and writes its JSON and Markdown (numbers unchecked: a smoke test;
