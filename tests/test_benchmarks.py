@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
     return out, proc.stdout
 
 
-def test_quick_run_writes_json_markdown_and_plots(quick_run):
+def test_quick_run_writes_sane_json_markdown_and_plots(quick_run):
     out, stdout = quick_run
     for name in PROBLEMS:
         png = out / f"{name}.png"
@@ -42,10 +42,7 @@ def test_quick_run_writes_json_markdown_and_plots(quick_run):
     assert "--quick" in md and "## diabetes" in md and "## pinn_poisson" in md
     assert "| outmetric |" in md and "| lbfgs |" in md and "| optx-lm |" in md
     assert "summary.md" in stdout
-
-
-def test_quick_run_json_is_sane(quick_run):
-    out, _ = quick_run
+    # One test, not two: the 43 s run behind it then happens once under any xdist schedule.
     summary = json.loads((out / "summary.json").read_text())
     machine = summary["machine"]
     assert machine["cores"] >= 1 and machine["backend"] and machine["versions"]["jax"]
@@ -222,7 +219,7 @@ def test_digits_cross_entropy_tiny_mode(tmp_path):
     Adam at three rates, and writes its JSON and Markdown (numbers unchecked: a smoke test;
     about 30 s, most of it compiling, on 2 loaded cores)."""
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", "digits_cross_entropy.py"),
-                           "--tiny", "--dtype", "float64", "--steps", "3", "--seeds", "0", "1",
+                           "--tiny", "--dtype", "float64", "--steps", "3", "--seeds", "1",
                            "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
@@ -240,10 +237,8 @@ def test_digits_cross_entropy_tiny_mode(tmp_path):
     assert [a["learning_rate"] for a in race["adam"]] == [1e-2, 1e-3, 1e-4]
     for row in [race["outmetric"]] + race["adam"]:
         assert 0 <= row["test_accuracy"] <= 1 and math.isfinite(row["train_cost"])
-    # One race per seed: different initialisations, so different starting costs.
-    assert [r["seed"] for r in data["races"]] == [0, 1]
-    assert data["races"][0]["outmetric"]["costs"][0] != data["races"][1]["outmetric"]["costs"][0]
+    assert [r["seed"] for r in data["races"]] == [1]  # one race per --seeds entry
     assert len(race["outmetric"]["test_accuracies"]) == len(race["outmetric"]["costs"])
     md = (tmp_path / "digits_cross_entropy_tiny.md").read_text()
     assert "--tiny" in md and "| adam(lr=0.01) |" in md and "load average" in md
-    assert "## Over the seeds" in md and "| float64 | 0, 1 |" in md
+    assert "## Over the seeds" in md and "| float64 | 1 |" in md

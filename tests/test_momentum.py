@@ -29,7 +29,7 @@ def spring_reference(jacobian, residual, previous, lam, mu):
     return mu * previous + delta
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "svd", "eigh"])
+@pytest.mark.parametrize("solver", ["cholesky", "svd"])
 def test_spring_matches_the_dense_recursion_on_redrawn_batches(solver):
     """Least squares on a linear model, a new batch each update (wide: 6 rows, K = 15)."""
     apply, inputs, targets, params = linear_problem(24, 15)

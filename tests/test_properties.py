@@ -144,7 +144,7 @@ def degenerate_cases(draw):
     return problem, params
 
 
-@settings(max_examples=25, deadline=None, database=None, derandomize=True,
+@settings(max_examples=15, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(degenerate_cases())
 def test_finite_input_never_yields_a_non_finite_update(case):

@@ -72,10 +72,10 @@ def mode_errors(problem, params, prefix=""):
     return out
 
 errors = mode_errors(problem, params)
-# The rest of the shared registry (its own structure detection falls back where it must).
-for model in sorted(MODELS):
-    if model != "tanh_mlp":
-        errors.update(mode_errors(*make_problem(model, n=16, q=2), prefix=model + ": "))
+# Two more of the shared registry, whose structure detection falls back where it must (the
+# residual blocks and the convolution; the other two are dense MLPs like tanh_mlp).
+for model in ("conv_net", "residual_net"):
+    errors.update(mode_errors(*make_problem(model, n=16, q=2), prefix=model + ": "))
 
 # The default optimizer (adaptive Levenberg–Marquardt), sharded against one device.
 opt = om.output_metric_descent()
