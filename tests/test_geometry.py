@@ -61,6 +61,10 @@ def duplicated():
     return out
 
 
+#: The tests of the 15 s `adapted_path` integration share one pytest-xdist worker.
+ADAPTED_PATH_GROUP = pytest.mark.xdist_group("geometry_adapted_path")
+
+
 @pytest.fixture(scope="session")
 def adapted_path(overparam):
     problem, params = overparam
@@ -153,6 +157,7 @@ def test_horizontal_and_vertical_are_the_svd_projections(case, overparam, duplic
         assert np.linalg.norm(vert_flat) <= 1e-12 * np.linalg.norm(v_flat)
 
 
+@ADAPTED_PATH_GROUP
 def test_adapted_velocity_is_horizontal_along_the_trajectory(overparam, adapted_path):
     problem, _ = overparam
     flow = om.adapted_flow(problem)
@@ -175,6 +180,7 @@ def test_adapted_velocity_is_horizontal_along_the_trajectory(overparam, adapted_
     assert np.linalg.norm(flat(om.vertical(problem, params, v))) > 0.5 * np.linalg.norm(flat(v))
 
 
+@ADAPTED_PATH_GROUP
 def test_pullback_length_of_adapted_orbit_is_the_output_distance(overparam, adapted_path):
     problem, _ = overparam
     y = problem.targets.reshape(-1)
@@ -258,6 +264,7 @@ def test_critical_dimension_warns_away_from_critical_points_and_rejects_bad_inpu
         om.is_equilibrium(problem, params, tol=float("nan"))
 
 
+@ADAPTED_PATH_GROUP
 def test_geometry_functions_name_their_bad_arguments(overparam, adapted_path):
     problem, params = overparam
     with pytest.raises(TypeError, match="v must be a pytree shaped like params"):
