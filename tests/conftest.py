@@ -7,11 +7,24 @@ imported and inherited by the notebook and benchmark subprocesses.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 _EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
 if _EIGEN_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_EIGEN_FLAG}".strip()
+
+# One persistent XLA compilation cache per test run, shared by the pytest-xdist workers and the
+# notebook, benchmark and CLI subprocesses they start: the tests build the same small programs
+# again and again from fresh closures (the same HLO), and compiling is most of their time
+# (measured: 14-19 % less wall time on 2 cores). The controller creates it and removes it at
+# the end; a JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="outmetric-tests-xla-")
+    os.environ["OUTMETRIC_TESTS_OWN_XLA_CACHE"] = str(os.getpid())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -41,3 +54,8 @@ def pytest_runtest_setup(item):
         pytest.fail(f"--dist loadgroup ignored this test's xdist_group mark with pytest "
                     f"{pytest.__version__} (pytest-dev/pytest-xdist#1386): install the test "
                     "extra's pinned pytest (pyproject.toml)", pytrace=False)
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("OUTMETRIC_TESTS_OWN_XLA_CACHE") == str(os.getpid()):  # the creator only
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
