@@ -18,8 +18,8 @@ if _EIGEN_FLAG not in os.environ.get("XLA_FLAGS", ""):
 # One persistent XLA compilation cache per test run, shared by the pytest-xdist workers and the
 # notebook, benchmark and CLI subprocesses they start: the tests build the same small programs
 # again and again from fresh closures (the same HLO), and compiling is most of their time
-# (measured: 12-19 % less wall time on 2 cores, same-time A/B runs). The controller creates it and removes it at
-# the end; a JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
+# (measured: 12-19 % less wall time on 2 cores, same-time A/B runs). The controller creates it
+# and removes it at the end; a JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="outmetric-tests-xla-")
     os.environ["OUTMETRIC_TESTS_OWN_XLA_CACHE"] = str(os.getpid())
