@@ -21,7 +21,9 @@ def mlp(key: jax.Array, sizes: Sequence[int], activation: str = "tanh",
 
     Returns `(apply, params)`: `apply(params, u)` maps one input of shape `(sizes[0],)` to an
     output of shape `(sizes[-1],)`; `params` is a list of `{"w", "b"}` dicts with LeCun-normal
-    weights and zero biases. `activation` is one of `ACTIVATIONS`.
+    weights and zero biases. `activation` is one of `ACTIVATIONS`. Every call with the same
+    `activation` returns the same `apply`, so jitted code compiled for one initialisation is
+    reused by the next of the same shapes.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not known; choose one of {sorted(ACTIVATIONS)}")
@@ -29,17 +31,25 @@ def mlp(key: jax.Array, sizes: Sequence[int], activation: str = "tanh",
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"sizes must list at least an input and an output size >= 1, got {sizes}")
     dtype = jnp.result_type(float) if dtype is None else dtype
-    act = ACTIVATIONS[activation]
     keys = jax.random.split(key, len(sizes) - 1)
     params = [
         {"w": (jax.random.normal(k, (m, n)) / jnp.sqrt(m)).astype(dtype), "b": jnp.zeros(n, dtype)}
         for k, m, n in zip(keys, sizes[:-1], sizes[1:])
     ]
+    return _MLP_APPLY[activation], params
 
+
+def _mlp_apply(activation: Callable) -> Callable:
     def apply(params, u):
         h = u
         for layer in params[:-1]:
-            h = act(h @ layer["w"] + layer["b"])
+            h = activation(h @ layer["w"] + layer["b"])
         return h @ params[-1]["w"] + params[-1]["b"]
 
-    return apply, params
+    return apply
+
+
+#: One `apply` per activation, shared by every `mlp` of that activation: the depth and widths
+#: come from `params`, and jitted code keyed on the function (`Problem`, the flows, `fit`) then
+#: compiles once for all seeds and restarts of an architecture instead of once per `mlp` call.
+_MLP_APPLY: dict[str, Callable] = {name: _mlp_apply(act) for name, act in ACTIVATIONS.items()}

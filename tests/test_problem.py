@@ -140,3 +140,23 @@ def test_with_data_keeps_cross_entropy_classes_and_smoothing():
 def test_cross_entropy_rejects_single_column_float_targets():
     with pytest.raises(ValueError, match="cross-entropy targets"):
         om.Problem(lambda p, u: p @ u, jnp.ones((3, 2)), jnp.ones(3), loss="cross_entropy")
+
+
+def test_mlp_shares_one_apply_per_activation_across_depths_and_seeds():
+    """`om.mlp` returns one `apply` per activation (so jitted code keyed on it compiles once for
+    every seed of an architecture), and that one function reads depth and widths off `params`."""
+    deep_apply, deep = om.mlp(jax.random.PRNGKey(0), [3, 5, 4, 2], "tanh")
+    shallow_apply, shallow = om.mlp(jax.random.PRNGKey(1), [3, 7, 2], "tanh")
+    gelu_apply, _ = om.mlp(jax.random.PRNGKey(0), [3, 5, 2], "gelu")
+    assert deep_apply is shallow_apply and gelu_apply is not deep_apply
+    u = jnp.array([0.3, -1.2, 0.8])
+
+    def reference(params, u):
+        h = u
+        for layer in params[:-1]:
+            h = np.tanh(np.asarray(layer["w"]).T @ h + np.asarray(layer["b"]))
+        return np.asarray(params[-1]["w"]).T @ h + np.asarray(params[-1]["b"])
+
+    for params in (deep, shallow):
+        np.testing.assert_allclose(deep_apply(params, u), reference(params, np.asarray(u)),
+                                   rtol=1e-6, atol=1e-6)
