@@ -116,6 +116,26 @@ class _GuardedField(eqx.Module):
 
 
 @eqx.filter_jit
+def _cost(problem, params):
+    """C(params), compiled as one program (run op by op, the cost's few dozen primitives each
+    compile on their own the first time a shape is seen)."""
+    return problem.cost(params)
+
+
+@eqx.filter_jit
+def _saved_path(problem, ys, index, result):
+    """From diffrax's two save buffers and its result, in one compiled call: the saved params
+    at `index`, their costs, the cost of the end state, whether every saved cost is finite,
+    whether the solve finished (reached t1 or the cost event), and whether the event stopped it."""
+    path = jax.tree_util.tree_map(lambda a: a[index], ys[0])
+    costs = jax.vmap(problem.cost)(path)
+    cost_end = problem.cost(jax.tree_util.tree_map(lambda a: a[-1], ys[1]))
+    stopped = result == diffrax.RESULTS.event_occurred
+    finished = (result == diffrax.RESULTS.successful) | stopped
+    return path, costs, cost_end, jnp.all(jnp.isfinite(costs)), finished, stopped
+
+
+@eqx.filter_jit
 def _solve_reports(flow, path):
     """(rank, fallback) of the flow's output-metric solve at each point of `path`."""
 
@@ -276,7 +296,7 @@ def integrate(
     dtype = ravel_pytree(params)[0].dtype
     double = dtype == jnp.float64
 
-    cost0 = float(problem.cost(params))
+    cost0 = float(_cost(problem, params))
     if not math.isfinite(cost0):
         raise ValueError(nonfinite_cost_message(problem, params))
     t_eps = stopping_time(cost0, eps, problem.num_samples) if eps is not None else None
@@ -287,7 +307,7 @@ def integrate(
                           True, "successful")
     if subsave is None:
         if ts is None:
-            ts = jnp.linspace(0.0, end, int(num_saves), dtype=dtype)
+            ts = _to_device(np.linspace(0.0, end, int(num_saves)), dtype)
         else:
             ts = _check_times("ts", ts, end, dtype)
         subsave = diffrax.SubSaveAt(ts=ts, t1=True)
@@ -309,7 +329,7 @@ def integrate(
         if atol is None:
             cost_end = max(eps or 0.0, cost0 * math.exp(-2.0 * end / problem.num_samples))
             ratio = math.sqrt(cost_end / cost0) if cost0 > 0 else 1.0
-            residual_ratio = jnp.asarray(max(ratio, float(jnp.finfo(dtype).eps)), dtype)
+            residual_ratio = _to_device(max(ratio, float(jnp.finfo(dtype).eps)), dtype)
             atol = 1e-14 if double else 1e-8  # used where θ'(0) is 0 or not finite
         controller = diffrax.PIDController(rtol=rtol, atol=float(atol))
     saveat = diffrax.SaveAt(subs=(subsave, diffrax.SubSaveAt(t1=True)))
@@ -321,13 +341,13 @@ def integrate(
             solver,
             controller,
             params,
-            jnp.asarray(end, dtype),
-            None if dt0 is None else jnp.asarray(dt0, dtype),
+            _to_device(end, dtype),
+            None if dt0 is None else _to_device(dt0, dtype),
             saveat,
-            None if eps is None else jnp.asarray(eps, dtype),
+            None if eps is None else _to_device(eps, dtype),
             int(max_steps),
             diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
-            jnp.asarray(token % 2**31, jnp.int32),
+            _to_device(token % 2**31, np.int32),
             residual_ratio,
         )
         jax.block_until_ready(solution.ts)
@@ -344,24 +364,20 @@ def integrate(
     index = np.flatnonzero(keep)
     if index.size >= 2:
         index = index[np.append(saved_ts[index[:-1]] != saved_ts[index[1:]], True)]
-    path = jax.tree_util.tree_map(lambda a: a[index], solution.ys[0])
-    costs = jax.vmap(problem.cost)(path)
-    finished = (solution.result == diffrax.RESULTS.successful) | (
-        solution.result == diffrax.RESULTS.event_occurred
-    )
+    path, costs, cost_end, all_finite, finished, stopped = _saved_path(
+        problem, solution.ys, _to_device(index, np.int32), solution.result)
     rank = fallback = None
     if isinstance(getattr(flow, "solver", None), str) and index.size:
         rank, fallback = _solve_reports(flow, path)
     result = "successful" if bool(finished) else diffrax.RESULTS[solution.result]
     reached = None
     if eps is not None:
-        cost_end = float(problem.cost(jax.tree_util.tree_map(lambda a: a[-1], solution.ys[1])))
-        stopped = bool(solution.result == diffrax.RESULTS.event_occurred)
+        cost_end = float(cost_end)
         slack = math.sqrt(float(getattr(controller, "rtol", 0.0) or 0.0))
-        reached = stopped or cost_end <= eps * (1.0 + slack)
-    trajectory = Trajectory(jnp.asarray(saved_ts[index]), path, costs, t_eps,
+        reached = bool(stopped) or cost_end <= eps * (1.0 + slack)
+    trajectory = Trajectory(jax.device_put(saved_ts[index]), path, costs, t_eps,
                             int(solution.stats["num_steps"]), reached, result, rank, fallback)
-    if not bool(jnp.all(jnp.isfinite(costs))):
+    if not bool(all_finite):
         raise NonFiniteError(
             "integrate: the flow produced non-finite costs: the model or the solve broke down "
             "along the path; error.result holds the trajectory", trajectory)
@@ -440,15 +456,23 @@ def _check_saveat(saveat, ts):
 
 
 def _check_times(name, times, end, dtype):
-    """Saved times as a sorted 1-D array inside [0, end]; a `ValueError` naming `name`."""
-    times = jnp.asarray(times, dtype)
+    """Saved times as a sorted 1-D array inside [0, end]; a `ValueError` naming `name`.
+
+    Checked on the host (NumPy): a few hundred numbers, and no op-by-op compilation."""
+    times = np.asarray(times).astype(dtype)
     if times.ndim != 1 or times.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array of times, got shape {times.shape}")
-    if not bool(jnp.all(jnp.isfinite(times))):
+    if not np.all(np.isfinite(times)):
         raise ValueError(f"{name} must be finite times; it contains NaN or inf")
-    if bool(jnp.any(times < 0)) or bool(jnp.any(times > end)) or bool(jnp.any(jnp.diff(times) < 0)):
+    if np.any(times < 0) or np.any(times > end) or np.any(np.diff(times) < 0):
         raise ValueError(f"{name} must be sorted times inside [0, {end}]")
-    return times
+    return _to_device(times, dtype)
+
+
+def _to_device(value, dtype) -> jax.Array:
+    """A host number or array as a device array of `dtype`, converted on the host:
+    `jnp.asarray` would compile a conversion program for each new shape and dtype."""
+    return jax.device_put(np.asarray(value, dtype))
 
 
 def _is_real(value) -> bool:
