@@ -192,9 +192,12 @@ def test_a_nonzero_minimum_stops_by_itself_with_a_convergence_code():
     assert result.status in (om.RESULTS.ftol_reached, om.RESULTS.xtol_reached,
                              om.RESULTS.gtol_reached)
     assert result.converged and result.num_steps < 50
-    # It is the least-squares minimum: the gradient DᵀR vanishes there.
+    # It is the least-squares minimum: the gradient DᵀR vanishes there, to what a cost that has
+    # stopped falling in float64 can tell (|∇C|² ~ 2(C − C*)‖D‖², with C − C* at round-off):
+    # nine digits below the gradient at the start (measured 4e-12 and 2e-10 of it, with XLA's
+    # optimised and unoptimised CPU code).
     grad = jax.grad(problem.cost)(result.params)
-    assert np.max(np.abs(grad)) <= 1e-10
+    assert np.max(np.abs(grad)) <= 1e-9 * np.max(np.abs(jax.grad(problem.cost)(b0)))
     # Another update there takes no step: round-off is not progress.
     opt = om.output_metric_descent()
     _, state = opt.update(None, result.state, result.params, problem=problem)
